@@ -360,7 +360,8 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
     if v["gpu_soft_mark"] > v["gpu_hard_mark"]:
         problems.append("GPU_SOFT_MARK must not exceed GPU_HARD_MARK")
     if v["kafka_security_protocol"].startswith("SASL_") and v["kafka_bootstrap"]:
-        for attr, env in (("kafka_sasl_username", "KAFKA_SASL_USERNAME"), ("kafka_sasl_password", "KAFKA_SASL_PASSWORD")):
+        sasl = (("kafka_sasl_username", "KAFKA_SASL_USERNAME"), ("kafka_sasl_password", "KAFKA_SASL_PASSWORD"))
+        for attr, env in sasl:
             if not v[attr]:
                 problems.append(f"{env} is required when KAFKA_SECURITY_PROTOCOL={v['kafka_security_protocol']}")
     if v["s3_endpoint"]:

@@ -1,0 +1,428 @@
+"""The spool: every path and every state change of a task lives here (Maildir/Postfix discipline).
+
+States are directories; a task is in exactly one. Each change is one rename() of a file or a directory that was
+written whole in tmp/ and fsync'd first, so a process killed at any instruction leaves either the old state or the
+new one. Names carry what the runner needs to order the inbox (priority, age, not-before time), so choosing the next
+job costs one listdir and no reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = ("tmp", "inbox", "processing", "outbox", "done", "corrupt")
+TASK_ID_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
+PRIORITY_MIN, PRIORITY_MAX = -999_999, 999_999
+_PRIO_OFFSET = 1_000_000  # name key = offset - priority: ascending names = descending priority
+INBOX_RE = re.compile(
+    r"^(?P<key>\d{7})\.(?P<enq>\d{13})\.(?P<nb>\d{13})\.(?P<attempt>\d{2})\.(?P<task>(?!\.)[A-Za-z0-9._-]{1,128})\.json$"
+)
+RESULT_FILE = "result.json"
+
+
+def valid_task_id(value: object) -> bool:
+    return isinstance(value, str) and TASK_ID_RE.match(value) is not None
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, order=True)
+class InboxEntry:
+    """One job waiting in inbox/, decoded from its file name alone."""
+
+    name: str
+    priority: int
+    enqueued_ms: int
+    not_before_ms: int
+    attempt: int
+    task_id: str
+
+    @staticmethod
+    def parse(name: str) -> InboxEntry | None:
+        m = INBOX_RE.match(name)
+        if not m:
+            return None
+        return InboxEntry(
+            name=name,
+            priority=_PRIO_OFFSET - int(m["key"]),
+            enqueued_ms=int(m["enq"]),
+            not_before_ms=int(m["nb"]),
+            attempt=int(m["attempt"]),
+            task_id=m["task"],
+        )
+
+    @staticmethod
+    def make_name(task_id: str, priority: int, enqueued_ms: int, not_before_ms: int = 0, attempt: int = 1) -> str:
+        if not valid_task_id(task_id):
+            raise ValueError(f"invalid taskId {task_id!r}")
+        prio = max(PRIORITY_MIN, min(PRIORITY_MAX, priority))
+        key = _PRIO_OFFSET - prio
+        return f"{key:07d}.{enqueued_ms:013d}.{not_before_ms:013d}.{min(attempt, 99):02d}.{task_id}.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Spool:
+    """Paths and atomic moves under SPOOL_DIR. Stateless: every method reads the filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp, self.inbox, self.processing, self.outbox, self.done, self.corrupt = (
+            self.root / s for s in STATES
+        )
+        self.run = self.root / "run"
+
+    def ensure(self) -> Spool:
+        for d in (*(self.root / s for s in STATES), self.run):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # --- low-level atomic writes -------------------------------------------------------------------
+    def _tmp_path(self, hint: str) -> Path:
+        return self.tmp / f"{uuid.uuid4().hex[:12]}.{os.getpid()}.{hint[:80]}"
+
+    def _atomic_write(self, target: Path, data: bytes) -> None:
+        """tmp → fsync → rename → fsync dir: a reader sees the old file or the new one, never half of one."""
+        tmp = self._tmp_path(target.name)
+        _write_synced(tmp, data)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+
+    def _move(self, src: Path, dst: Path) -> bool:
+        """Rename src to dst; False when another process moved src first (lost race), so callers can skip."""
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        fsync_dir(dst.parent)
+        return True
+
+    # --- inbox ---------------------------------------------------------------------------------------
+    def enqueue(self, job: dict[str, Any]) -> Path:
+        """Place a validated job in inbox/ under a name that encodes its order."""
+        name = InboxEntry.make_name(
+            job["taskId"], int(job.get("priority", 0)), int(job["enqueuedAt"] * 1000),
+            int(job.get("notBefore", 0) * 1000), int(job.get("attempt", 1)),
+        )
+        target = self.inbox / name
+        self._atomic_write(target, dumps(job))
+        return target
+
+    def inbox_entries(self) -> list[InboxEntry]:
+        """Canonical inbox files in run order: priority desc, then oldest (sorting the names does it)."""
+        entries = (InboxEntry.parse(n) for n in self._names(self.inbox))
+        return sorted(e for e in entries if e is not None)
+
+    def foreign_inbox_files(self) -> list[Path]:
+        """Files a person dropped into inbox/ by hand; the consumer validates and renames them."""
+        return sorted(
+            self.inbox / n for n in self._names(self.inbox)
+            if InboxEntry.parse(n) is None and not n.startswith(".")
+        )
+
+    def next_ready(self, now: float | None = None) -> InboxEntry | None:
+        cutoff = now_ms() if now is None else int(now * 1000)
+        return next((e for e in self.inbox_entries() if e.not_before_ms <= cutoff), None)
+
+    def next_wakeup(self) -> float | None:
+        """Earliest not-before time of a deferred job, so the runner can sleep exactly until then."""
+        times = [e.not_before_ms for e in self.inbox_entries()]
+        return min(times) / 1000 if times else None
+
+    def read_inbox(self, entry: InboxEntry) -> bytes | None:
+        try:
+            return (self.inbox / entry.name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def withdraw(self, entry: InboxEntry) -> bool:
+        """Remove a not-started job (partition revoked): the group re-delivers it elsewhere."""
+        grave = self._tmp_path("withdrawn-" + entry.name)
+        if not self._move(self.inbox / entry.name, grave):
+            return False
+        grave.unlink(missing_ok=True)
+        return True
+
+    # --- processing ----------------------------------------------------------------------------------
+    def processing_path(self, task_id: str) -> Path:
+        return self.processing / f"{task_id}.json"
+
+    def claim(self, entry: InboxEntry) -> Path | None:
+        """Atomically take a job from inbox/; None if someone else took it first."""
+        target = self.processing_path(entry.task_id)
+        return target if self._move(self.inbox / entry.name, target) else None
+
+    def write_processing(self, job: dict[str, Any]) -> None:
+        self._atomic_write(self.processing_path(job["taskId"]), dumps(job))
+
+    def processing_files(self) -> list[Path]:
+        return sorted(self.processing / n for n in self._names(self.processing) if n.endswith(".json"))
+
+    def requeue(self, job: dict[str, Any]) -> Path:
+        """processing → inbox in one rename (job already carries its new attempt and notBefore)."""
+        self.write_processing(job)
+        name = InboxEntry.make_name(
+            job["taskId"], int(job.get("priority", 0)), int(job["enqueuedAt"] * 1000),
+            int(job.get("notBefore", 0) * 1000), int(job.get("attempt", 1)),
+        )
+        target = self.inbox / name
+        self._move(self.processing_path(job["taskId"]), target)
+        return target
+
+    def drop_processing(self, task_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.processing_path(task_id))
+            fsync_dir(self.processing)
+
+    # --- outbox --------------------------------------------------------------------------------------
+    def outbox_dir(self, task_id: str) -> Path:
+        return self.outbox / task_id
+
+    def stage_result(self, task_id: str) -> Path:
+        """A fresh directory in tmp/ to assemble result.json and images before publish_result()."""
+        staged = self._tmp_path(task_id)
+        staged.mkdir()
+        return staged
+
+    def publish_result(self, staged: Path, result: dict[str, Any]) -> bool:
+        """Write result.json into the staged dir and move the whole dir to outbox/<taskId> in one rename.
+
+        False when outbox/<taskId> already exists (a result from before a crash): the first result wins.
+        """
+        task_id = result["taskId"]
+        _write_synced(staged / RESULT_FILE, dumps(result))
+        for child in staged.iterdir():
+            if child.name != RESULT_FILE:
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(staged)
+        target = self.outbox_dir(task_id)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if target.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+                return False
+            raise
+        fsync_dir(self.outbox)
+        return True
+
+    def write_result(self, result: dict[str, Any]) -> bool:
+        """A result without images (a failure) straight to outbox/."""
+        return self.publish_result(self.stage_result(result["taskId"]), result)
+
+    def outbox_tasks(self) -> list[str]:
+        """Task ids with a complete result waiting for the uploader, oldest first."""
+        names = [n for n in self._names(self.outbox) if valid_task_id(n)]
+        return sorted(names, key=lambda n: self._mtime(self.outbox / n))
+
+    def read_result(self, task_id: str) -> dict[str, Any]:
+        return dict(json.loads((self.outbox_dir(task_id) / RESULT_FILE).read_bytes()))
+
+    def result_images(self, task_id: str) -> list[Path]:
+        return sorted(p for p in self.outbox_dir(task_id).iterdir() if p.name != RESULT_FILE)
+
+    # --- done ----------------------------------------------------------------------------------------
+    def done_path(self, task_id: str) -> Path:
+        return self.done / f"{task_id}.json"
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """done/<taskId>.json written, then outbox/<taskId> removed: a crash between leaves both, and
+        recover() removes the outbox copy (done/ is the ledger that says it was published)."""
+        task_id = result["taskId"]
+        self._atomic_write(self.done_path(task_id), dumps(result))
+        self.discard_outbox(task_id)
+
+    def discard_outbox(self, task_id: str) -> None:
+        src = self.outbox_dir(task_id)
+        if not src.exists():
+            return
+        graveyard = self._tmp_path("finished-" + task_id)
+        if self._move(src, graveyard):
+            shutil.rmtree(graveyard, ignore_errors=True)
+
+    def read_done(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.done_path(task_id).read_bytes()))
+        except FileNotFoundError:
+            return None
+
+    def prune_done(self, max_age_s: float) -> int:
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for name in self._names(self.done):
+            path = self.done / name
+            if self._mtime(path) < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    # --- knowledge of a task across states -----------------------------------------------------------
+    def state_of(self, task_id: str) -> str | None:
+        """Which state holds this task, if any (for de-duplication of re-delivered tasks)."""
+        if self.done_path(task_id).exists():
+            return "done"
+        if self.outbox_dir(task_id).exists():
+            return "outbox"
+        if self.processing_path(task_id).exists():
+            return "processing"
+        if any(e.task_id == task_id for e in self.inbox_entries()):
+            return "inbox"
+        return None
+
+    def known_task_ids(self) -> dict[str, str]:
+        """taskId → state for every task on this node (one listdir per state)."""
+        known: dict[str, str] = {}
+        for e in self.inbox_entries():
+            known[e.task_id] = "inbox"
+        for p in self.processing_files():
+            known[p.stem] = "processing"
+        for t in self.outbox_tasks():
+            known[t] = "outbox"
+        for n in self._names(self.done):
+            if n.endswith(".json"):
+                known[n[:-5]] = "done"
+        return known
+
+    # --- corrupt -------------------------------------------------------------------------------------
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move an unusable file aside with its reason beside it; never delete it silently."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self.corrupt / f"{stamp}.{uuid.uuid4().hex[:6]}.{path.name[:150]}"
+        self._atomic_write(target.with_name(target.name + ".reason"), reason.encode() + b"\n")
+        if not self._move(path, target):
+            target.with_name(target.name + ".reason").unlink(missing_ok=True)
+        return target
+
+    def quarantine_bytes(self, data: bytes, hint: str, reason: str) -> Path:
+        tmp = self._tmp_path("corrupt")
+        _write_synced(tmp, data)
+        return self.quarantine(tmp.rename(tmp.with_name(_safe_name(hint))), reason)
+
+    def corrupt_entries(self) -> list[tuple[str, str]]:
+        out = []
+        for n in self._names(self.corrupt):
+            if n.endswith(".reason"):
+                continue
+            reason_file = self.corrupt / (n + ".reason")
+            out.append((n, reason_file.read_text().strip() if reason_file.exists() else ""))
+        return out
+
+    # --- heartbeats and run state ---------------------------------------------------------------------
+    def heartbeat_path(self, process: str) -> Path:
+        return self.run / f"heartbeat.{process}"
+
+    def beat(self, process: str) -> None:
+        path = self.heartbeat_path(process)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            path.touch()
+
+    def heartbeat_age(self, process: str) -> float | None:
+        try:
+            return time.time() - self.heartbeat_path(process).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def write_run_file(self, name: str, data: bytes) -> Path:
+        target = self.run / name
+        self._atomic_write(target, data)
+        return target
+
+    # --- maintenance --------------------------------------------------------------------------------
+    def clean_tmp(self, max_age_s: float = 3600) -> int:
+        """Remove tmp/ leftovers of crashed writers. Every process writes through tmp/, so only entries
+        older than any write in progress can be stale: the age keeps one process from deleting another's work."""
+        removed = 0
+        cutoff = time.time() - max_age_s
+        for name in self._names(self.tmp):
+            path = self.tmp / name
+            if self._mtime(path) > cutoff:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "inbox": len(self.inbox_entries()) + len(self.foreign_inbox_files()),
+            "processing": len(self.processing_files()),
+            "outbox": len(self.outbox_tasks()),
+            "done": sum(1 for n in self._names(self.done) if n.endswith(".json")),
+            "corrupt": sum(1 for n in self._names(self.corrupt) if not n.endswith(".reason")),
+            "tmp": len(self._names(self.tmp)),
+        }
+
+    def writable(self) -> bool:
+        try:
+            probe = self._tmp_path("probe")
+            _write_synced(probe, b"ok")
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
+    def iter_all_task_files(self) -> Iterator[tuple[str, str]]:
+        """(state, taskId) for every task file, for consistency checks in tests and `selfix status`."""
+        for e in self.inbox_entries():
+            yield "inbox", e.task_id
+        for p in self.processing_files():
+            yield "processing", p.stem
+        for t in self.outbox_tasks():
+            yield "outbox", t
+        for n in self._names(self.done):
+            if n.endswith(".json"):
+                yield "done", n[:-5]
+
+    @staticmethod
+    def _names(directory: Path) -> list[str]:
+        try:
+            return os.listdir(directory)
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+
+def _safe_name(hint: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", hint)[:100].lstrip(".")
+    return cleaned or "unnamed"
