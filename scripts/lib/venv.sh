@@ -1,0 +1,15 @@
+# Sourced by scripts/run and scripts/test: make .venv and install selfix (+ test extras) into it, cached by the
+# hash of setup.cfg so a second run costs nothing.
+ensure_venv() {
+  local extras="${1:-}"
+  local stamp_want
+  stamp_want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)${extras}"
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  if [ "$(cat .venv/.selfix-stamp 2>/dev/null)" != "$stamp_want" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".${extras}"
+    echo "$stamp_want" > .venv/.selfix-stamp
+  fi
+}

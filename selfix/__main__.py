@@ -1,0 +1,3 @@
+from selfix.cli import main
+
+raise SystemExit(main())

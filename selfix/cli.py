@@ -1,0 +1,294 @@
+"""`selfix` command line: up | submit | status | doctor | ctl | consumer | runner | uploader | watchdog | comfyui."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfix.settings import EXIT_CONFIG, Settings, SettingsError, load
+from selfix.spool import Spool
+
+PROCESSES = ("consumer", "runner", "uploader", "watchdog")
+
+
+def _settings() -> Settings:
+    try:
+        return load()
+    except SettingsError as exc:
+        print(f"selfix: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def default_conf() -> Path:
+    repo_conf = Path(__file__).resolve().parent.parent / "conf" / "supervisord.conf"
+    return repo_conf if repo_conf.exists() else Path("/app/conf/supervisord.conf")
+
+
+# --- ComfyUI command -----------------------------------------------------------------------------------
+
+def extra_model_paths(settings: Settings) -> str:
+    """ComfyUI's extra_model_paths.yaml: the read-only base models first, then the LoRA cache."""
+    models = settings.models_dir
+    folders = ("checkpoints", "clip", "clip_vision", "configs", "controlnet", "diffusion_models", "embeddings",
+               "loras", "text_encoders", "unet", "upscale_models", "vae")
+    lines = ["selfix_models:", f"    base_path: {models}", "    is_default: true"]
+    lines += [f"    {name}: {name}/" for name in folders]
+    lines += ["selfix_lora_cache:", f"    loras: {settings.lora_cache_dir}", ""]
+    return "\n".join(lines)
+
+
+def comfy_argv(settings: Settings) -> list[str]:
+    """The command supervisord runs as `comfyui`. COMFY_COMMAND may use {port}, {host}, {output_dir}, {input_dir},
+    {temp_dir}, {models_dir}, {extra_model_paths}, {lora_dir} placeholders."""
+    spool = Spool(settings.spool_dir)
+    fields = {
+        "port": settings.comfy_port, "host": settings.comfy_host, "output_dir": settings.comfy_output_dir,
+        "input_dir": settings.comfy_input_dir, "temp_dir": settings.temp_dir, "models_dir": settings.models_dir,
+        "extra_model_paths": spool.run / "extra_model_paths.yaml", "lora_dir": settings.lora_cache_dir,
+    }
+    if settings.comfy_command:
+        return [part.format(**fields) for part in shlex.split(settings.comfy_command)]
+    if settings.comfyui_dir is None:
+        raise SettingsError(
+            "no ComfyUI configured: set COMFYUI_DIR to a ComfyUI checkout (the folder with main.py), e.g. "
+            "`git clone https://github.com/comfyanonymous/ComfyUI && COMFYUI_DIR=$PWD/ComfyUI ./scripts/run`, "
+            "or run scripts/install-comfyui; or set COMFY_COMMAND")
+    main_py = settings.comfyui_dir / "main.py"
+    if not main_py.exists():
+        raise SettingsError(f"COMFYUI_DIR={settings.comfyui_dir}: no main.py there; point it at a ComfyUI checkout")
+    return [
+        settings.comfy_python, str(main_py), "--listen", "127.0.0.1", "--port", str(settings.comfy_port),
+        "--output-directory", str(settings.comfy_output_dir), "--input-directory", str(settings.comfy_input_dir),
+        "--temp-directory", str(settings.temp_dir), "--extra-model-paths-config", str(fields["extra_model_paths"]),
+        "--disable-auto-launch", "--log-stdout", *shlex.split(settings.comfy_args),
+    ]
+
+
+def cmd_comfyui(_args: argparse.Namespace) -> int:
+    settings = _settings()
+    try:
+        argv = comfy_argv(settings)
+    except SettingsError as exc:
+        print(f"selfix comfyui: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"selfix comfyui: exec {shlex.join(argv)}", flush=True)
+    os.execvp(argv[0], argv)  # exec: supervisord's signals must reach ComfyUI itself
+
+
+# --- up ------------------------------------------------------------------------------------------------
+
+def prepare_node(settings: Settings) -> Spool:
+    """Directories and generated config that the programs expect before supervisord starts them."""
+    spool = Spool(settings.spool_dir).ensure()
+    for d in (settings.comfy_output_dir, settings.comfy_input_dir, settings.comfy_log_dir, settings.lora_cache_dir,
+              settings.temp_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    if not settings.s3_enabled:
+        settings.store_dir.mkdir(parents=True, exist_ok=True)
+    spool.write_run_file("extra_model_paths.yaml", extra_model_paths(settings).encode())
+    return spool
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings()
+    try:
+        comfy_argv(settings)
+    except SettingsError as exc:
+        print(f"selfix up: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    prepare_node(settings)
+    env = dict(os.environ, SPOOL_DIR=str(settings.spool_dir), COMFY_LOG_DIR=str(settings.comfy_log_dir))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    supervisord = shutil.which("supervisord", path=env["PATH"]) or "supervisord"
+    argv = [supervisord, "-n", "-c", str(args.conf)]
+    print(f"selfix up: {shlex.join(argv)} (spool {settings.spool_dir})", flush=True)
+    os.execvpe(argv[0], argv, env)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    settings = _settings()
+    env = dict(os.environ, SPOOL_DIR=str(settings.spool_dir), COMFY_LOG_DIR=str(settings.comfy_log_dir))
+    ctl = shutil.which("supervisorctl", path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    argv = [ctl or "supervisorctl", "-c", str(args.conf), *args.rest]
+    os.execvpe(argv[0], argv, env)
+
+
+# --- submit --------------------------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from selfix.intake import accept, limits_of
+    from selfix.templates import Catalog
+
+    settings = _settings()
+    spool = Spool(settings.spool_dir).ensure()
+    catalog, limits = Catalog.load(settings.templates_dir), limits_of(settings)
+    worst = 0
+    for name in args.files:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        outcome = accept(spool, raw, limits, catalog, source={"file": Path(name).name})
+        if outcome.kind == "unaddressable":
+            where = spool.quarantine_bytes(raw, Path(name).name, outcome.detail)
+            print(f"{name}: rejected, no usable taskId ({outcome.detail}); kept in {where}")
+            worst = 2
+        elif outcome.kind == "failed":
+            print(f"{outcome.task_id}: rejected: {outcome.detail}")
+            worst = 2
+        elif outcome.kind == "duplicate":
+            print(f"{outcome.task_id}: duplicate, {outcome.detail}")
+        else:
+            print(outcome.task_id)
+    return worst
+
+
+# --- status --------------------------------------------------------------------------------------------
+
+def status_snapshot(settings: Settings) -> dict[str, Any]:
+    spool = Spool(settings.spool_dir)
+    running = []
+    for path in spool.processing_files():
+        try:
+            job = json.loads(path.read_bytes())
+        except (ValueError, OSError):
+            continue
+        running.append({"taskId": job.get("taskId"), "state": job.get("state"), "attempt": job.get("attempt"),
+                        "progress": job.get("progress"), "startedAt": job.get("startedAt")})
+    failures = []
+    for name in sorted(os.listdir(spool.done), key=lambda n: -(spool.done / n).stat().st_mtime)[:200] \
+            if spool.done.exists() else []:
+        result = spool.read_done(name[:-5]) if name.endswith(".json") else None
+        if result and result.get("status") == "failed":
+            failures.append({"taskId": result["taskId"], "code": result.get("error", {}).get("code")})
+    heartbeats = {p: spool.heartbeat_age(p) for p in PROCESSES}
+    return {"counts": spool.counts(), "running": running, "recentFailures": failures[:5],
+            "heartbeatAgeS": {k: (round(v, 1) if v is not None else None) for k, v in heartbeats.items()}}
+
+
+def _bar(progress: dict[str, Any] | None, width: int = 30) -> str:
+    if not progress or not progress.get("max"):
+        return ""
+    frac = min(1.0, float(progress.get("value") or 0) / float(progress["max"]))
+    return f"[{'#' * int(frac * width):<{width}}] {progress.get('value')}/{progress.get('max')}"
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    counts = snap["counts"]
+    lines = ["spool: " + "  ".join(f"{k} {v}" for k, v in counts.items())]
+    for job in snap["running"]:
+        lines.append(f"  {job['state']:<10} {job['taskId']} attempt {job['attempt']} {_bar(job['progress'])}")
+    beats = "  ".join(f"{k} {'-' if v is None else f'{v:.0f}s'}" for k, v in snap["heartbeatAgeS"].items())
+    lines.append(f"heartbeats: {beats}")
+    for fail in snap["recentFailures"]:
+        lines.append(f"  failed {fail['taskId']}: {fail['code']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings()
+    while True:
+        snap = status_snapshot(settings)
+        if args.json:
+            print(json.dumps(snap))
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render_status(snap), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+# --- doctor --------------------------------------------------------------------------------------------
+
+Check = tuple[str, bool, str]
+
+
+def doctor_checks(settings: Settings) -> list[Check]:
+    from selfix.watchdog import comfy_alive
+
+    spool = Spool(settings.spool_dir)
+    checks: list[Check] = [("spool", spool.ensure().writable(), f"{settings.spool_dir} writable")]
+    try:
+        checks.append(("comfyui command", True, shlex.join(comfy_argv(settings))))
+    except SettingsError as exc:
+        checks.append(("comfyui command", False, str(exc)))
+    up = comfy_alive(settings)
+    checks.append(("comfyui", up, f"{settings.comfy_url} {'answers' if up else 'does not answer'}"))
+    checks.extend(_store_checks(settings))
+    if settings.kafka_enabled:
+        from selfix.kafka import check_kafka
+
+        checks.extend(check_kafka(settings))
+    return checks
+
+
+def _store_checks(settings: Settings) -> list[Check]:
+    if settings.s3_enabled:
+        from selfix.storage import check_s3
+
+        return list(check_s3(settings))
+    ok = os.access(settings.store_dir, os.W_OK)
+    return [("store", ok, f"local store {settings.store_dir} {'writable' if ok else 'missing or not writable'}")]
+
+
+def cmd_doctor(_args: argparse.Namespace) -> int:
+    settings = _settings()
+    print("settings:")
+    for name, value in settings.redacted().items():
+        print(f"  {name}={value}")
+    failed = 0
+    for name, ok, message in doctor_checks(settings):
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {message}")
+        failed += not ok
+    return 1 if failed else 0
+
+
+# --- dispatch ------------------------------------------------------------------------------------------
+
+def _process(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        module = __import__(f"selfix.{name}", fromlist=["main"])
+        return int(module.main())
+
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfix", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="prepare the node and run supervisord in the foreground")
+    up.add_argument("--conf", type=Path, default=default_conf())
+    up.set_defaults(func=cmd_up)
+    ctl = sub.add_parser("ctl", help="supervisorctl with this node's settings")
+    ctl.add_argument("--conf", type=Path, default=default_conf())
+    ctl.add_argument("rest", nargs=argparse.REMAINDER)
+    ctl.set_defaults(func=cmd_ctl)
+    submit = sub.add_parser("submit", help="drop task files into the inbox atomically; prints taskIds")
+    submit.add_argument("files", nargs="+", help="JSON task files, or - for stdin")
+    submit.set_defaults(func=cmd_submit)
+    status = sub.add_parser("status", help="spool counts, the running job and its progress, recent failures")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every N s")
+    status.set_defaults(func=cmd_status)
+    sub.add_parser("doctor", help="check settings, spool, ComfyUI, store, Kafka").set_defaults(func=cmd_doctor)
+    sub.add_parser("comfyui", help="exec ComfyUI as configured (supervisord runs this)").set_defaults(
+        func=cmd_comfyui)
+    for name in PROCESSES:
+        sub.add_parser(name, help=f"run the {name} process").set_defaults(func=_process(name))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

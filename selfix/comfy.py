@@ -1,0 +1,220 @@
+"""Async client for ComfyUI's HTTP + WebSocket API (facts in shared/reference/comfyui-api.md).
+
+The WebSocket only speeds things up: /history is the source of truth, and a silent socket is replaced by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from loguru import logger
+
+from selfix.backoff import compute_backoff
+
+PROMPT_NAMESPACE = uuid.UUID("5e1f1c5a-7d0e-4c2b-9a56-0f3e2b7c9d11")
+
+
+def prompt_id_for(task_id: str, attempt: int) -> str:
+    """Deterministic per (task, attempt): after a restart the runner finds its prompt in /queue or /history."""
+    return str(uuid.uuid5(PROMPT_NAMESPACE, f"{task_id}/{attempt}"))
+
+
+class ComfyUnavailable(Exception):
+    """ComfyUI did not answer (connection refused, timeout, 5xx): retriable, the job is not at fault."""
+
+
+class ComfyRejected(Exception):
+    """ComfyUI refused the prompt at validation (400, or 200 with node_errors): permanent for this workflow."""
+
+    def __init__(self, message: str, error: dict[str, Any], node_errors: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.error = error
+        self.node_errors = node_errors
+
+
+@dataclass(frozen=True)
+class QueueState:
+    running: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    def holds(self, prompt_id: str) -> bool:
+        return prompt_id in self.running or prompt_id in self.pending
+
+
+class ComfyClient:
+    """One instance per process; `client_id` names this process's WebSocket so events reach it after a restart."""
+
+    def __init__(self, base_url: str, client_id: str, session: aiohttp.ClientSession,
+                 timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
+
+    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, bytes]:
+        try:
+            async with self.session.request(method, self.base_url + path, timeout=self.timeout, **kw) as resp:
+                body = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ComfyUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if resp.status >= 500:
+            raise ComfyUnavailable(f"{method} {path}: HTTP {resp.status}: {body[:200]!r}")
+        return resp.status, body
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        status, body = await self._request(method, path, **kw)
+        if status != 200:
+            raise ComfyUnavailable(f"{method} {path}: unexpected HTTP {status}: {body[:200]!r}")
+        return json.loads(body) if body else None
+
+    async def system_stats(self) -> dict[str, Any]:
+        return dict(await self._json("GET", "/system_stats"))
+
+    async def alive(self) -> bool:
+        try:
+            await self.system_stats()
+            return True
+        except (ComfyUnavailable, ValueError):
+            return False
+
+    async def queue_prompt(self, workflow: dict[str, Any], prompt_id: str,
+                           extra_data: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id,
+                "extra_data": extra_data or {}}
+        status, raw = await self._request("POST", "/prompt", json=body)
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise ComfyUnavailable(f"POST /prompt: HTTP {status} with a non-JSON body {raw[:200]!r}") from None
+        if status == 400:
+            error = reply.get("error", {})
+            raise ComfyRejected(_rejection_message(error, reply.get("node_errors", {})), error,
+                                reply.get("node_errors", {}))
+        if status != 200:
+            raise ComfyUnavailable(f"POST /prompt: unexpected HTTP {status}")
+        if reply.get("node_errors"):
+            # 200 with node_errors = ComfyUI dropped the outputs that failed; a task needs all of them.
+            raise ComfyRejected(_rejection_message({}, reply["node_errors"]), {}, reply["node_errors"])
+        return dict(reply)
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        data = await self._json("GET", f"/history/{prompt_id}")
+        return data.get(prompt_id) if isinstance(data, dict) else None
+
+    async def queue(self) -> QueueState:
+        data = await self._json("GET", "/queue")
+        return QueueState(
+            running=tuple(item[1] for item in data.get("queue_running", [])),
+            pending=tuple(item[1] for item in sorted(data.get("queue_pending", []), key=lambda i: float(i[0]))),
+        )
+
+    async def delete_pending(self, prompt_ids: list[str]) -> None:
+        await self._request("POST", "/queue", json={"delete": prompt_ids})
+
+    async def interrupt(self, prompt_id: str | None = None) -> None:
+        await self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else {})
+
+    async def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+        await self._request("POST", "/free", json={"unload_models": unload_models, "free_memory": free_memory})
+
+    async def forget_history(self, prompt_ids: list[str]) -> None:
+        await self._request("POST", "/history", json={"delete": prompt_ids})
+
+    async def loras(self) -> list[str]:
+        return list(await self._json("GET", "/models/loras"))
+
+    async def download(self, image: dict[str, str], target: Path) -> int:
+        """GET /view of one output image straight into `target`; returns the byte count."""
+        params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                  "type": image.get("type", "output")}
+        try:
+            async with self.session.get(self.base_url + "/view", params=params, timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    raise ComfyUnavailable(f"GET /view {params}: HTTP {resp.status}")
+                size = 0
+                with open(target, "wb") as fh:
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        fh.write(chunk)
+                        size += len(chunk)
+                return size
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ComfyUnavailable(f"GET /view {params}: {type(exc).__name__}: {exc}") from exc
+
+
+def _rejection_message(error: dict[str, Any], node_errors: dict[str, Any]) -> str:
+    parts = [str(error.get("message") or "prompt failed validation")]
+    if error.get("details"):
+        parts.append(str(error["details"]))
+    for node_id, info in list(node_errors.items())[:5]:
+        for err in info.get("errors", [])[:2]:
+            parts.append(f"node {node_id} ({info.get('class_type')}): {err.get('message')}: {err.get('details')}")
+    return "; ".join(parts)
+
+
+EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class EventStream:
+    """Keeps one WebSocket open with this client id, reconnecting with backoff; feeds JSON frames to `handler`.
+
+    `connected` is set while a socket is open; `on_reconnect` runs after every (re)connection so the owner can
+    poll /history for anything that happened while it was deaf (ComfyUI has no replay).
+    """
+
+    def __init__(self, client: ComfyClient, handler: EventHandler,
+                 on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.client = client
+        self.handler = handler
+        self.on_reconnect = on_reconnect
+        self.connected = asyncio.Event()
+        self.last_frame_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="comfy-ws")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        failures = 0
+        url = f"{self.client.base_url}/ws?clientId={self.client.client_id}"
+        while True:
+            try:
+                async with self.client.session.ws_connect(url, heartbeat=20.0, max_msg_size=0) as ws:
+                    failures = 0
+                    self.connected.set()
+                    logger.debug("websocket connected")
+                    if self.on_reconnect:
+                        await self.on_reconnect()
+                    await self._read(ws)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                logger.debug("websocket unavailable: {}", exc)
+            self.connected.clear()
+            failures += 1
+            await asyncio.sleep(compute_backoff(min(failures, 6), 0.2, 5.0))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        loop = asyncio.get_running_loop()
+        async for msg in ws:
+            self.last_frame_at = loop.time()
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue  # binary previews carry no prompt id in legacy mode; selfix does not use them
+            try:
+                frame = json.loads(msg.data)
+                kind, data = frame["type"], frame.get("data") or {}
+            except (ValueError, KeyError, TypeError):
+                logger.warning("ignoring malformed websocket frame {!r}", msg.data[:200])
+                continue
+            await self.handler(kind, data)

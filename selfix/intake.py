@@ -1,0 +1,72 @@
+"""Accepting a task: one function used by the Kafka consumer, `selfix submit` and hand-dropped inbox files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from loguru import logger
+
+from selfix.messages import InvalidTask, Limits, failed_result, parse_task
+from selfix.settings import Settings
+from selfix.spool import Spool
+from selfix.templates import Catalog
+
+Kind = Literal["accepted", "duplicate", "failed", "unaddressable"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Kind
+    task_id: str | None
+    detail: str = ""
+    priority: int = 0
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(settings.max_message_bytes, settings.max_workflow_nodes, settings.max_data_url_bytes,
+                  settings.user_prefix)
+
+
+def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
+           source: dict[str, Any] | None = None) -> Outcome:
+    """Validate `raw` and put it in the spool: a job in inbox/, or a failed result in outbox/.
+
+    A taskId already known on this node (any state, done/ included) is a duplicate and changes nothing, so a
+    re-delivered message never runs twice here. `unaddressable` (no readable taskId) is left to the caller:
+    corrupt/ for files, the DLQ for Kafka.
+    """
+    try:
+        task = parse_task(raw, limits, catalog)
+    except InvalidTask as exc:
+        if exc.task_id is None:
+            return Outcome("unaddressable", None, exc.message)
+        if spool.state_of(exc.task_id):
+            return Outcome("duplicate", exc.task_id, "already known")
+        spool.write_result(failed_result(exc.task_id, exc.user_id, exc, {"attempts": 0, "source": source}))
+        logger.bind(task_id=exc.task_id).warning("rejected: {} {}", exc.code, exc.message)
+        return Outcome("failed", exc.task_id, f"{exc.code}: {exc.message}")
+    state = spool.state_of(task.task_id)
+    if state:
+        return Outcome("duplicate", task.task_id, f"already {state}")
+    spool.enqueue(task.to_job(source=source))
+    logger.bind(task_id=task.task_id).info("accepted (priority {})", task.priority)
+    return Outcome("accepted", task.task_id, priority=task.priority)
+
+
+def ingest_dropped_files(spool: Spool, limits: Limits, catalog: Catalog) -> list[Outcome]:
+    """Hand-dropped inbox/ files (any name) → canonical jobs, failed results, or corrupt/ with the reason."""
+    outcomes = []
+    for path in spool.foreign_inbox_files():
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        outcome = accept(spool, raw, limits, catalog, source={"file": path.name})
+        if outcome.kind == "unaddressable":
+            spool.quarantine(path, outcome.detail)
+            logger.warning("{} moved to corrupt/: {}", path.name, outcome.detail)
+        else:
+            path.unlink(missing_ok=True)
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,304 @@
+"""Task messages in, results out: parsing, validation and error codes. Pure: no I/O here.
+
+A task that fails validation becomes a failed result with a specific code when its taskId can be read; without a
+readable taskId there is nobody to answer, so the caller quarantines the bytes (corrupt/ or the DLQ).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from selfix.spool import PRIORITY_MAX, PRIORITY_MIN, valid_task_id
+
+# Error codes a client can act on. retriable says whether sending the same task again could succeed.
+INVALID_MESSAGE = "invalid_message"
+MESSAGE_TOO_LARGE = "message_too_large"
+INVALID_WORKFLOW = "invalid_workflow"
+UNKNOWN_TEMPLATE = "unknown_template"
+INVALID_PARAMS = "invalid_params"
+LORA_NOT_FOUND = "lora_not_found"
+LORA_FORBIDDEN = "lora_forbidden"
+LORA_NOT_USED = "lora_not_used"
+LORA_INVALID = "lora_invalid"
+INPUT_NOT_FOUND = "input_not_found"
+INPUT_FORBIDDEN = "input_forbidden"
+INPUT_TOO_LARGE = "input_too_large"
+EXECUTION_ERROR = "execution_error"
+OUT_OF_MEMORY = "out_of_memory"
+TIMEOUT = "timeout"
+INTERRUPTED = "interrupted"
+COMFYUI_UNAVAILABLE = "comfyui_unavailable"
+STORAGE_UNAVAILABLE = "storage_unavailable"
+NO_OUTPUT = "no_output"
+RETRIES_EXHAUSTED = "retries_exhausted"
+
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".pkl")
+IMAGE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
+DATA_URL_RE = re.compile(r"^data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)$", re.DOTALL)
+
+
+class TaskError(Exception):
+    """A task cannot run: `code` and `message` go into the failed result as they are."""
+
+    def __init__(self, code: str, message: str, *, retriable: bool = False, node_errors: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retriable = retriable
+        self.node_errors = node_errors
+
+    def as_error(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message, "retriable": self.retriable}
+        if self.node_errors:
+            err["nodeErrors"] = self.node_errors
+        return err
+
+
+class InvalidTask(TaskError):
+    """Validation failure at intake. task_id/user_id are set when they could be read, so a result can be sent."""
+
+    def __init__(self, code: str, message: str, task_id: str | None = None, user_id: str | None = None) -> None:
+        super().__init__(code, message)
+        self.task_id = task_id
+        self.user_id = user_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 1 << 20
+    max_workflow_nodes: int = 500
+    max_data_url_bytes: int = 10 << 20
+    user_prefix: str = "users/{userId}/"
+
+    def prefix(self, user_id: str) -> str:
+        return self.user_prefix.replace("{userId}", user_id)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated task; `workflow` is final (template rendered), ready for binding and patching."""
+
+    task_id: str
+    user_id: str
+    workflow: dict[str, Any]
+    lora_models: tuple[str, ...] = ()
+    priority: int = 0
+    images: dict[str, str] = field(default_factory=dict)
+    template: str | None = None
+
+    def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+        """The job file's content: everything the runner needs, with its own bookkeeping fields."""
+        stamp = time.time() if now is None else now
+        return {
+            "taskId": self.task_id, "userId": self.user_id, "priority": self.priority,
+            "workflow": self.workflow, "loraModels": list(self.lora_models), "images": dict(self.images),
+            "template": self.template, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0, "source": source,
+        }
+
+
+def peek_ids(raw: bytes) -> tuple[str | None, str | None]:
+    """Best-effort taskId/userId from bytes that may be invalid, to address a failed result."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    task_id = obj.get("taskId") if valid_task_id(obj.get("taskId")) else None
+    user_id = obj.get("userId") if valid_task_id(obj.get("userId")) else None
+    return task_id, user_id
+
+
+def parse_task(raw: bytes, limits: Limits, templates: Any) -> Task:
+    """Validate one input message. `templates` is a selfix.templates.Catalog (render(name, params, loras))."""
+    task_id, user_id = peek_ids(raw)
+    if len(raw) > limits.max_message_bytes:
+        raise InvalidTask(MESSAGE_TOO_LARGE, f"message is {len(raw)} bytes; the limit is {limits.max_message_bytes}",
+                          task_id, user_id)
+    obj = _decode_object(raw, task_id, user_id)
+    if task_id is None:
+        raise InvalidTask(INVALID_MESSAGE, _id_problem("taskId", obj.get("taskId")))
+    if user_id is None:
+        raise InvalidTask(INVALID_MESSAGE, _id_problem("userId", obj.get("userId")), task_id)
+    try:
+        return _build_task(obj, task_id, user_id, limits, templates)
+    except InvalidTask:
+        raise
+    except TaskError as exc:
+        raise InvalidTask(exc.code, exc.message, task_id, user_id) from exc
+
+
+def _decode_object(raw: bytes, task_id: str | None, user_id: str | None) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidTask(INVALID_MESSAGE, "message is not UTF-8 text") from None
+    except RecursionError:
+        raise InvalidTask(INVALID_MESSAGE, "message JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidTask(INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidTask(INVALID_MESSAGE, f"message must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id_problem(name: str, value: object) -> str:
+    if value is None:
+        return f"{name} is missing"
+    return f"{name} must match [A-Za-z0-9._-]{{1,128}} without a leading dot, got {str(value)[:60]!r}"
+
+
+def _build_task(obj: dict[str, Any], task_id: str, user_id: str, limits: Limits, templates: Any) -> Task:
+    priority = obj.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TaskError(INVALID_MESSAGE, f"priority must be an integer, got {type(priority).__name__}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise TaskError(INVALID_MESSAGE, f"priority must be within {PRIORITY_MIN}..{PRIORITY_MAX}")
+    loras = parse_lora_models(obj.get("loraModel"), user_id, limits)
+    images = parse_images(obj.get("images"), user_id, limits)
+    workflow, template = _workflow_of(obj, loras, templates)
+    validate_workflow(workflow, limits.max_workflow_nodes)
+    check_loras_used(workflow, loras)
+    return Task(task_id, user_id, workflow, tuple(loras), priority, images, template)
+
+
+def _workflow_of(obj: dict[str, Any], loras: list[str], templates: Any) -> tuple[dict[str, Any], str | None]:
+    has_wf, has_tpl = "workflow" in obj, "template" in obj
+    if has_wf == has_tpl:
+        raise TaskError(INVALID_MESSAGE, "give exactly one of workflow or template (+ params)")
+    if has_wf:
+        return obj["workflow"], None
+    name, params = obj["template"], obj.get("params", {})
+    if not isinstance(name, str):
+        raise TaskError(INVALID_MESSAGE, "template must be a string")
+    if not isinstance(params, dict):
+        raise TaskError(INVALID_MESSAGE, "params must be a JSON object")
+    return templates.render(name, params, loras), name
+
+
+def validate_workflow(workflow: Any, max_nodes: int) -> None:
+    """Shape checks ComfyUI would otherwise answer with a less helpful 400 (or 500); node semantics are its job."""
+    if not isinstance(workflow, dict) or not workflow:
+        raise TaskError(INVALID_WORKFLOW, "workflow must be a non-empty object of nodes in ComfyUI API format")
+    if len(workflow) > max_nodes:
+        raise TaskError(INVALID_WORKFLOW, f"workflow has {len(workflow)} nodes; the limit is {max_nodes}")
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            raise TaskError(INVALID_WORKFLOW, f"node {node_id!r} must be an object")
+        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            raise TaskError(INVALID_WORKFLOW, f"node {node_id!r} has no class_type (is this the UI format? "
+                                              "export with 'Save (API)')")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise TaskError(INVALID_WORKFLOW, f"node {node_id!r}: inputs must be an object")
+
+
+def parse_lora_models(value: Any, user_id: str, limits: Limits) -> list[str]:
+    if value is None:
+        return []
+    keys = [value] if isinstance(value, str) else value
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise TaskError(INVALID_MESSAGE, "loraModel must be a string or a list of strings")
+    for key in keys:
+        check_lora_key(key, user_id, limits)
+    return list(dict.fromkeys(keys))
+
+
+def check_user_key(key: str, user_id: str, limits: Limits, code: str, what: str) -> None:
+    """An object key a user may name: normalised, relative, under that user's prefix."""
+    prefix = limits.prefix(user_id)
+    bad = (not key or key.startswith("/") or "\\" in key or "\x00" in key
+           or posixpath.normpath(key) != key or ".." in key.split("/"))
+    if bad:
+        raise TaskError(code, f"{what} key {key[:200]!r} is not a plain relative object key")
+    if not key.startswith(prefix):
+        raise TaskError(code, f"{what} key {key[:200]!r} is outside the user's prefix {prefix!r}")
+
+
+def check_lora_key(key: str, user_id: str, limits: Limits) -> None:
+    check_user_key(key, user_id, limits, LORA_FORBIDDEN, "loraModel")
+    lower = key.lower()
+    if lower.endswith(PICKLE_EXTENSIONS):
+        raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r}: pickle formats can run code and are refused; "
+                                        "convert it to .safetensors")
+    if not lower.endswith(".safetensors"):
+        raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r} must be a .safetensors file")
+
+
+def parse_images(value: Any, user_id: str, limits: Limits) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TaskError(INVALID_MESSAGE, "images must be an object of file name -> object key or data: URL")
+    for name, ref in value.items():
+        if not IMAGE_NAME_RE.match(name):
+            raise TaskError(INPUT_FORBIDDEN, f"image name {name[:80]!r} must be a plain .png/.jpg/.webp file name")
+        if not isinstance(ref, str):
+            raise TaskError(INVALID_MESSAGE, f"images[{name!r}] must be a string")
+        if ref.startswith("data:"):
+            decode_data_url(ref, limits.max_data_url_bytes, name)
+        else:
+            check_user_key(ref, user_id, limits, INPUT_FORBIDDEN, f"images[{name!r}]")
+    return dict(value)
+
+
+def decode_data_url(ref: str, max_bytes: int, name: str) -> bytes:
+    match = DATA_URL_RE.match(ref)
+    if not match:
+        raise TaskError(INPUT_FORBIDDEN, f"images[{name!r}]: only data:image/(png|jpeg|webp);base64 URLs are accepted")
+    payload = match["payload"]
+    if len(payload) * 3 // 4 > max_bytes:
+        raise TaskError(INPUT_TOO_LARGE, f"images[{name!r}] is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise TaskError(INPUT_FORBIDDEN, f"images[{name!r}]: invalid base64 payload") from None
+
+
+def lora_inputs(workflow: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node id, value) of every literal lora_name input."""
+    return [
+        (node_id, node["inputs"]["lora_name"])
+        for node_id, node in workflow.items()
+        if isinstance(node.get("inputs"), dict) and isinstance(node["inputs"].get("lora_name"), str)
+    ]
+
+
+def lora_matches(value: str, key: str) -> bool:
+    return value in (key, posixpath.basename(key))
+
+
+def check_loras_used(workflow: dict[str, Any], loras: list[str]) -> None:
+    used = lora_inputs(workflow)
+    for key in loras:
+        if not any(lora_matches(v, key) for _, v in used):
+            raise TaskError(LORA_NOT_USED, f"loraModel {key!r} is not the lora_name of any node; set a LoraLoader's "
+                                           f"lora_name to the key or to {posixpath.basename(key)!r}")
+
+
+# --- results -------------------------------------------------------------------------------------------
+
+def completed_result(job: dict[str, Any], image_paths: list[str], metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "taskId": job["taskId"], "userId": job.get("userId"), "status": "completed",
+        "imagePath": image_paths[0] if image_paths else None, "imagePaths": image_paths, "metadata": metadata,
+    }
+
+
+def failed_result(task_id: str, user_id: str | None, error: TaskError,
+                  metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "taskId": task_id, "userId": user_id, "status": "failed", "imagePath": None, "imagePaths": [],
+        "metadata": metadata or {}, "error": error.as_error(),
+    }
+
+
+def output_key(prefix: str, task_id: str, index: int, ext: str = "png") -> str:
+    """Deterministic: a retry overwrites the same keys instead of adding new ones."""
+    return f"{prefix}images/{task_id}-{index}.{ext}"

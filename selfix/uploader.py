@@ -1,0 +1,146 @@
+"""The uploader process: outbox/<taskId>/ → images in the store → result published → done/ → cleanup.
+
+Order matters for the delivery guarantee: images first (a result never names a missing object), then the result is
+published (Kafka delivery confirmed, when Kafka is configured), then done/ is written. A crash anywhere repeats the
+steps that were not recorded yet; output keys are deterministic, so a repeat overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from loguru import logger
+
+from selfix.backoff import compute_backoff
+from selfix.prepare import remove_task_files
+from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
+from selfix.settings import Settings
+from selfix.spool import Spool
+from selfix.storage import ObjectStore, StorageError, open_store
+
+IDLE_POLL_S = 0.1
+PRUNE_EVERY_S = 600.0
+
+
+class Publisher(Protocol):
+    """Where results go besides done/: Kafka's output topic, or nowhere in offline mode."""
+
+    def publish(self, result: dict[str, Any]) -> None:
+        """Return only once the result is durably delivered; raise to retry later."""
+
+    def close(self) -> None: ...
+
+
+class NoPublisher:
+    def publish(self, result: dict[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class Uploader:
+    def __init__(self, settings: Settings, spool: Spool, store: ObjectStore, publisher: Publisher,
+                 flags: StopFlags) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.store = store
+        self.publisher = publisher
+        self.flags = flags
+        self.failures: dict[str, int] = {}
+        self.not_before: dict[str, float] = {}
+        self.last_prune = 0.0
+
+    def run(self) -> int:
+        while not self.flags.abort.is_set():
+            self.spool.beat("uploader")
+            pending = self.spool.outbox_tasks()
+            if self.flags.stopping.is_set() and not self._ready(pending):
+                break  # drained: what is left waits for its backoff, and survives in outbox/ anyway
+            for task_id in self._ready(pending):
+                if self.flags.abort.is_set():
+                    break
+                self.deliver(task_id)
+            self.maintain()
+            if not self._ready(self.spool.outbox_tasks()):
+                self.flags.abort.wait(IDLE_POLL_S)
+        self.publisher.close()
+        return EXIT_ABORTED if self.flags.abort.is_set() else EXIT_OK
+
+    def _ready(self, task_ids: list[str]) -> list[str]:
+        now = time.monotonic()
+        return [t for t in task_ids if self.not_before.get(t, 0.0) <= now]
+
+    def deliver(self, task_id: str) -> None:
+        log = logger.bind(task_id=task_id)
+        try:
+            result = self.spool.read_result(task_id)
+        except FileNotFoundError:
+            return  # gone meanwhile (another uploader instance, or finished just now)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.spool.quarantine(self.spool.outbox_dir(task_id), f"unreadable result.json: {exc}")
+            log.error("outbox entry moved to corrupt/: {}", exc)
+            return
+        if self.spool.read_done(task_id) is not None:
+            self.spool.discard_outbox(task_id)  # published before a crash; done/ is the ledger
+            return
+        try:
+            self.upload_images(task_id, result)
+            self.publisher.publish(result)
+        except Exception as exc:  # noqa: BLE001 - any failure here is retried; the result stays in outbox/
+            self.postpone(task_id, exc)
+            return
+        self.spool.finish(result)
+        remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
+        self.failures.pop(task_id, None)
+        self.not_before.pop(task_id, None)
+        log.info("published: {} ({} image(s))", result.get("status"), len(result.get("imagePaths") or []))
+
+    def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
+        folder = self.spool.outbox_dir(task_id)
+        for key in result.get("imagePaths") or []:
+            path = folder / Path(key).name
+            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            self.store.put_file(key, path, content_type)
+
+    def postpone(self, task_id: str, exc: Exception) -> None:
+        count = self.failures.get(task_id, 0) + 1
+        self.failures[task_id] = count
+        delay = compute_backoff(min(count, 10), 0.5, 30.0)
+        self.not_before[task_id] = time.monotonic() + delay
+        kind = "store" if isinstance(exc, StorageError) else "publish"
+        logger.bind(task_id=task_id).warning("{} failed (try {}), again in {:.1f}s: {}", kind, count, delay, exc)
+
+    def maintain(self) -> None:
+        now = time.monotonic()
+        if now - self.last_prune < PRUNE_EVERY_S:
+            return
+        self.last_prune = now
+        removed = self.spool.prune_done(self.settings.done_retention_h * 3600)
+        if removed:
+            logger.info("pruned {} done/ entries older than {:g}h", removed, self.settings.done_retention_h)
+
+
+def make_publisher(settings: Settings) -> Publisher:
+    if not settings.kafka_enabled:
+        return NoPublisher()
+    from selfix.kafka import ResultPublisher  # type: ignore[attr-defined,unused-ignore] # lazily: offline nodes never load librdkafka
+
+    return ResultPublisher(settings)  # type: ignore[no-any-return,attr-defined,unused-ignore]
+
+
+def main() -> int:
+    settings = boot("uploader")
+    spool = Spool(settings.spool_dir).ensure()
+    flags = StopFlags().install()
+    store = open_store(settings)
+    logger.info("uploader starting: store {}, results {}", store.describe(),
+                f"Kafka topic {settings.kafka_topic_output}" if settings.kafka_enabled else "done/ only")
+    return Uploader(settings, spool, store, make_publisher(settings), flags).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
