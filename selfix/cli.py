@@ -250,6 +250,24 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- settings ------------------------------------------------------------------------------------------
+
+def settings_table() -> str:
+    """The README's settings table, generated from SPECS so the docs cannot drift from the code."""
+    from selfix.settings import SPECS
+
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for spec in SPECS:
+        default = f"`{spec.default}`" if spec.default else "(empty)"
+        rows.append(f"| `{spec.env}` | {default} | {spec.doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def cmd_settings(_args: argparse.Namespace) -> int:
+    print(settings_table())
+    return 0
+
+
 # --- dispatch ------------------------------------------------------------------------------------------
 
 def _process(name: str) -> Callable[[argparse.Namespace], int]:
@@ -277,6 +295,8 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every N s")
     status.set_defaults(func=cmd_status)
+    sub.add_parser("settings", help="print every setting with its default (Markdown)").set_defaults(
+        func=cmd_settings)
     sub.add_parser("doctor", help="check settings, spool, ComfyUI, store, Kafka").set_defaults(func=cmd_doctor)
     sub.add_parser("comfyui", help="exec ComfyUI as configured (supervisord runs this)").set_defaults(
         func=cmd_comfyui)

@@ -253,6 +253,8 @@ def classify_kafka_error(err: object, *, secrets: Iterable[str | None] = ()) -> 
     elif code == KafkaError._RESOLVE:
         line = f"cannot resolve a broker host ({detail}): check KAFKA_BOOTSTRAP_SERVER"
     elif code in _UNREACHABLE_CODES:
+        # librdkafka's "0/2 brokers are down" counts connections, not brokers, and confuses more than it says.
+        detail = "no broker answered" if code == KafkaError._ALL_BROKERS_DOWN else detail
         line = (f"Kafka unreachable ({detail}): check KAFKA_BOOTSTRAP_SERVER, and that KAFKA_SECURITY_PROTOCOL "
                 "matches the broker's listener")
     elif code in _TOPIC_CODES:

@@ -22,6 +22,7 @@ from loguru import logger
 from selfix import messages as m
 from selfix.backoff import compute_backoff
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, prompt_id_for
+from selfix.faults import crashpoint
 from selfix.loras import LoraCache
 from selfix.prepare import prepare
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
@@ -170,6 +171,7 @@ class Runner:
             inf.started_at = time.time()
             inf.job["startedAt"] = inf.started_at
             self.spool.write_processing(inf.job)
+            crashpoint(self.settings, self.spool, "runner.after_start")
         elif kind == "executing" and data.get("node") is None:
             inf.finished.set()
             self.wake.set()
@@ -278,6 +280,7 @@ class Runner:
             keys.append(key)
         result = m.completed_result(inf.job, keys, self.metadata(inf, entry))
         self.spool.publish_result(staged, result)
+        crashpoint(self.settings, self.spool, "runner.after_outbox")
         self.spool.drop_processing(inf.task_id)
         inf.log().info("completed: {} image(s), {:.2f}s generation", len(keys), result["metadata"]["generationTime"])
 
@@ -286,11 +289,14 @@ class Runner:
         started = _history_times(entry)
         gen = (started[1] - started[0]) if started else 0.0
         began = started[0] if started else (job.get("startedAt") or now)
-        return {
+        meta = {
             "generationTime": round(gen, 3), "queueTime": round(max(0.0, began - job["enqueuedAt"]), 3),
             "totalTime": round(now - job["enqueuedAt"], 3), "attempts": int(job.get("attempt", 1)),
             "promptId": inf.prompt_id,
         }
+        if started:
+            meta.update(startedAt=started[0], finishedAt=started[1])
+        return meta
 
     def fail(self, inf: Inflight, error: m.TaskError) -> None:
         result = m.failed_result(inf.task_id, inf.job.get("userId"), error, self.metadata(inf))

@@ -96,6 +96,10 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _name_set(raw: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _prefix_template(raw: str) -> str:
     if "{userId}" not in raw:
         raise ValueError("must contain {userId}")
@@ -225,6 +229,8 @@ SPECS: tuple[Spec, ...] = (
     S("SUPERVISOR_URL", "supervisor_url", "", _optional_str,
       "supervisord XML-RPC endpoint (unix:///path or http://); default: the socket selfix up configures.",
       group="watchdog"),
+    S("CRASHPOINTS", "crashpoints", "", _name_set,
+      "Testing only: comma-separated crash points where a process SIGKILLs itself once (see selfix/faults.py)."),
     S("LOG_FORMAT", "log_format", "text", _choice("text", "json"), "text, or json (one JSON object a line)."),
     S("LOG_LEVEL", "log_level", "INFO", _choice("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"), "Log level."),
 )
@@ -292,6 +298,7 @@ class Settings:
     heartbeat_stale_s: float
     restart_min_interval_s: float
     supervisor_url: str | None
+    crashpoints: frozenset[str]
     log_format: str
     log_level: str
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from selfix.backoff import compute_backoff
+from selfix.faults import crashpoint
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
 from selfix.settings import Settings
@@ -93,6 +94,7 @@ class Uploader:
         except Exception as exc:  # noqa: BLE001 - any failure here is retried; the result stays in outbox/
             self.postpone(task_id, exc)
             return
+        crashpoint(self.settings, self.spool, "uploader.before_done")
         self.spool.finish(result)
         remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
         self.failures.pop(task_id, None)
@@ -105,6 +107,7 @@ class Uploader:
             path = folder / Path(key).name
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             self.store.put_file(key, path, content_type)
+            crashpoint(self.settings, self.spool, "uploader.mid_upload")
 
     def postpone(self, task_id: str, exc: Exception) -> None:
         count = self.failures.get(task_id, 0) + 1
