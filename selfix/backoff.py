@@ -13,6 +13,6 @@ def compute_backoff(attempt: int, base: float, cap: float, rng: random.Random | 
     """
     if attempt < 1:
         raise ValueError("attempt starts at 1")
-    nominal = min(cap, base * (2 ** (attempt - 1)))
+    nominal = cap if attempt > 64 else min(cap, base * (2 ** (attempt - 1)))
     draw = rng.random() if rng is not None else random.random()
     return float(nominal / 2 + draw * nominal / 2)

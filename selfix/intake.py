@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from loguru import logger
@@ -54,19 +55,32 @@ def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
     return Outcome("accepted", task.task_id, priority=task.priority)
 
 
+def _quarantine(spool: Spool, path: Path, reason: str) -> None:
+    try:
+        spool.quarantine(path, reason)
+        logger.warning("{} moved to corrupt/: {}", path.name, reason)
+    except OSError as exc:
+        logger.error("{} could not be moved to corrupt/ ({}): {}", path.name, exc, reason)
+
+
 def ingest_dropped_files(spool: Spool, limits: Limits, catalog: Catalog) -> list[Outcome]:
     """Hand-dropped inbox/ files (any name) → canonical jobs, failed results, or corrupt/ with the reason."""
     outcomes = []
     for path in spool.foreign_inbox_files():
         try:
             raw = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # unreadable (permissions, a directory): set it aside, keep the loop alive
+            _quarantine(spool, path, f"cannot read dropped file: {exc}")
             continue
         outcome = accept(spool, raw, limits, catalog, source={"file": path.name})
         if outcome.kind == "unaddressable":
-            spool.quarantine(path, outcome.detail)
-            logger.warning("{} moved to corrupt/: {}", path.name, outcome.detail)
+            _quarantine(spool, path, outcome.detail)
         else:
             path.unlink(missing_ok=True)
+            if outcome.kind == "duplicate":
+                logger.bind(task_id=outcome.task_id).info("dropped file {} removed: duplicate, {}", path.name,
+                                                          outcome.detail)
         outcomes.append(outcome)
     return outcomes

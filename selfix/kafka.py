@@ -28,6 +28,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._metadata import ClusterMetadata
 from loguru import logger
 
 from selfix.settings import Settings, SettingsError
@@ -290,8 +291,8 @@ def _most_telling(errors: list[KafkaError], fallback: object) -> object:
     return telling[-1] if telling else fallback
 
 
-def _metadata(admin: AdminClient, errors: list[KafkaError], timeout: float) -> Any:
-    """Cluster metadata, or the KafkaError that stopped us (auth errors end the wait at once)."""
+def _metadata(admin: AdminClient, errors: list[KafkaError], timeout: float) -> ClusterMetadata | object:
+    """Cluster metadata, or the error that stopped us (permanent errors end the wait at once)."""
     deadline = time.monotonic() + timeout
     last: object = KafkaError(KafkaError._TIMED_OUT, "no answer before the deadline")
     while True:
@@ -300,7 +301,7 @@ def _metadata(admin: AdminClient, errors: list[KafkaError], timeout: float) -> A
             return admin.list_topics(timeout=max(0.1, min(0.5, remaining)))
         except KafkaException as exc:
             last = exc
-        admin.poll(0)  # serves error_cb: librdkafka reports why brokers are down only there
+        admin.poll(0)  # serves error_cb: librdkafka says why brokers are down only there
         fatal = next((e for e in errors if is_permanent(e)), None)
         if fatal is not None:
             return fatal
@@ -309,7 +310,7 @@ def _metadata(admin: AdminClient, errors: list[KafkaError], timeout: float) -> A
 
 
 def _topic_check(admin: AdminClient, env: str, topic: str, timeout: float, secrets: tuple[str | None]) -> Check:
-    name = f"kafka.topic.{env.removeprefix('KAFKA_TOPIC_').lower()}"
+    name = _topic_name(env)
     try:
         meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
     except KafkaException as exc:
@@ -319,6 +320,10 @@ def _topic_check(admin: AdminClient, env: str, topic: str, timeout: float, secre
     if meta.error is not None:
         return name, False, f"{env}={topic}: " + classify_kafka_error(meta.error, secrets=secrets)
     return name, True, f"topic {topic!r}: {len(meta.partitions)} partition(s)"
+
+
+def _topic_name(env: str) -> str:
+    return f"kafka.topic.{env.removeprefix('KAFKA_TOPIC_').lower()}"
 
 
 def check_kafka(settings: Settings, timeout: float = 5.0) -> list[Check]:
@@ -335,17 +340,16 @@ def check_kafka(settings: Settings, timeout: float = 5.0) -> list[Check]:
     conf.update({"error_cb": errors.append, "log_level": 0,
                  "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000)),
                  "allow.auto.create.topics": False})  # a check must not create what it checks
+    where = f"{settings.kafka_bootstrap} ({_identity(settings)})"
     try:
         admin = AdminClient(conf)
-    except KafkaException as exc:
-        return [("kafka.connect", False, classify_kafka_error(exc, secrets=secrets))]
-    meta = _metadata(admin, errors, timeout)
-    if not hasattr(meta, "brokers"):
+        meta = _metadata(admin, errors, timeout)
+    except KafkaException as exc:  # a property librdkafka refuses
+        meta = exc
+    if not isinstance(meta, ClusterMetadata):
         line = classify_kafka_error(meta, secrets=secrets)
-        return [("kafka.connect", False, f"{settings.kafka_bootstrap} ({_identity(settings)}): {line}")] + [
-            (f"kafka.topic.{env.removeprefix('KAFKA_TOPIC_').lower()}", False, f"{topic!r} not checked: no connection")
-            for env, topic in topics]
-    checks: list[Check] = [("kafka.connect", True, f"{settings.kafka_bootstrap} ({_identity(settings)}): "
-                                                   f"{len(meta.brokers)} broker(s)")]
+        return [("kafka.connect", False, f"{where}: {line}")] + [
+            (_topic_name(env), False, f"{topic!r} not checked: no connection") for env, topic in topics]
+    checks: list[Check] = [("kafka.connect", True, f"{where}: {len(meta.brokers)} broker(s)")]
     checks.extend(_topic_check(admin, env, topic, timeout, secrets) for env, topic in topics)
     return checks

@@ -39,6 +39,7 @@ STORAGE_UNAVAILABLE = "storage_unavailable"
 NO_OUTPUT = "no_output"
 RETRIES_EXHAUSTED = "retries_exhausted"
 
+MAX_WORKFLOW_DEPTH = 32  # real graphs nest 3-4 levels; deep nesting only serves to crash recursive code
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".pkl")
 IMAGE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
 DATA_URL_RE = re.compile(r"^data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)$", re.DOTALL)
@@ -197,6 +198,21 @@ def validate_workflow(workflow: Any, max_nodes: int) -> None:
                                               "export with 'Save (API)')")
         if not isinstance(node.get("inputs", {}), dict):
             raise TaskError(INVALID_WORKFLOW, f"node {node_id!r}: inputs must be an object")
+        if _depth(node) > MAX_WORKFLOW_DEPTH:
+            raise TaskError(INVALID_WORKFLOW, f"node {node_id!r} is nested deeper than {MAX_WORKFLOW_DEPTH} levels")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, iteratively (a recursive walk is what deep input would crash)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_WORKFLOW_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_lora_models(value: Any, user_id: str, limits: Limits) -> list[str]:
@@ -207,7 +223,13 @@ def parse_lora_models(value: Any, user_id: str, limits: Limits) -> list[str]:
         raise TaskError(INVALID_MESSAGE, "loraModel must be a string or a list of strings")
     for key in keys:
         check_lora_key(key, user_id, limits)
-    return list(dict.fromkeys(keys))
+    unique = list(dict.fromkeys(keys))
+    names = [posixpath.basename(k) for k in unique]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise TaskError(INVALID_MESSAGE, f"loraModel keys share the file name(s) {clash}: a lora_name could not "
+                                         "tell them apart; give the full keys different file names")
+    return unique
 
 
 def check_user_key(key: str, user_id: str, limits: Limits, code: str, what: str) -> None:

@@ -61,10 +61,26 @@ class Catalog:
 
 
 def _load_one(path: Path) -> dict[str, Any]:
+    """Parse and check a template once at start-up, so a broken one stops the process instead of every task."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("workflow"), dict):
         raise ValueError(f"template {path} must be an object with a 'workflow' graph")
+    declared = data.setdefault("params", {})
+    for key, spec in declared.items():
+        if not isinstance(spec, dict) or spec.get("type", "string") not in _TYPES:
+            raise ValueError(f"template {path}: parameter {key!r} needs a type among {sorted(_TYPES)}")
+    undeclared = sorted(placeholders(data["workflow"]) - set(declared))
+    if undeclared:
+        raise ValueError(f"template {path} uses undeclared placeholder(s) {undeclared}")
     return data
+
+
+def placeholders(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(placeholders(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(placeholders(v) for v in node))
+    return set(PART_RE.findall(node)) if isinstance(node, str) else set()
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from loguru import logger
 
-from selfix.kafka import check_kafka, classify_kafka_error, consumer_config, producer_config, redact
+from selfix.kafka import LibrdkafkaLog, check_kafka, classify_kafka_error, consumer_config, producer_config, redact
 from selfix.settings import SettingsError, load
 from tests.servers.kafka_broker import KafkaBroker
 
@@ -107,6 +108,19 @@ def test_classify_masks_secrets_and_strips_noise() -> None:
     auth = classify_kafka_error(KafkaError(KafkaError._AUTHENTICATION, "sasl_ssl://k:1/bootstrap: SASL "
                                            "authentication error: Authentication failed (after 300ms in state X)"))
     assert auth.startswith("SASL authentication failed (Authentication failed):")
+
+
+def test_librdkafka_log_goes_through_loguru_capped() -> None:
+    seen: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: seen.append((m.record["level"].name, m.record["message"])), level="DEBUG")
+    try:
+        # confluent-kafka calls logger.log(python_level, "%s [%s] %s", facility, client, text)
+        LibrdkafkaLog("WARNING").log(50, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "broker down")
+        LibrdkafkaLog("WARNING").log(10, "%s [%s] %s", "FETCH", "rdkafka#consumer-1", "fetch")
+    finally:
+        logger.remove(sink)
+    assert seen == [("WARNING", "librdkafka: FAIL [rdkafka#consumer-1] broker down"),
+                    ("DEBUG", "librdkafka: FETCH [rdkafka#consumer-1] fetch")]
 
 
 def test_check_kafka_when_kafka_is_off() -> None:

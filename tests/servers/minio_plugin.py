@@ -14,10 +14,11 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
+from minio import Minio
 
+from selfix.settings import Settings, load
 from tests.servers.minio_server import MinioServer
 
 
@@ -46,13 +47,12 @@ class S3Bucket:
             "S3_USE_SSL": "false",
         }
 
-    def settings(self, **env: str) -> Any:
+    def settings(self, **env: str) -> Settings:
         """selfix Settings for this bucket; keyword arguments override or add variables (e.g. S3_SECRET_KEY)."""
-        from selfix.settings import load
-
         return load({**self.env, **env})
 
-    def client(self) -> Any:
+    def client(self) -> Minio:
+        """A MinIO client with the root credentials, for arranging and inspecting objects."""
         return self.server.client()
 
 
