@@ -1,14 +1,17 @@
 """Kafka helpers shared by the consumer and uploader processes and by `selfix doctor`.
 
 Pure parts (no I/O): the librdkafka configuration built from Settings, `redact`, `OffsetTracker`,
-`classify_kafka_error`. Thin I/O part: `check_kafka`, one metadata round trip.
+`classify_kafka_error`. I/O parts: `KafkaSender` (one idempotent producer per process), `ResultPublisher` (the
+uploader's results and status events), `ProgressWatcher` (started/progress events from processing/), and
+`check_kafka`, one metadata round trip for `selfix doctor`. The consumer loop itself lives in selfix/consumer.py.
 
 Consumer choices (see `consumer_config`):
 - The consumer process never runs a job: it only turns messages into spool files, and it keeps polling while its
   partitions are paused. So `max.poll.interval.ms` bounds the consumer's own stalls (a slow fsync, a full disk),
   not the length of a generation, and stays at 5 minutes whatever JOB_TIMEOUT_S is.
-- `session.timeout.ms` = 30 s: a dead node's partitions move to the rest of the fleet within half a minute, while
-  a node whose CPUs are saturated by ComfyUI (librdkafka heartbeats from its own thread) is not thrown out.
+- `session.timeout.ms` = KAFKA_SESSION_TIMEOUT_MS (30 s): a dead node's partitions move to the rest of the fleet
+  within half a minute, while a node whose CPUs are saturated by ComfyUI (librdkafka heartbeats from its own
+  thread) is not thrown out. Heartbeats every tenth of it.
 - `cooperative-sticky` assignment: when a node joins or leaves the fleet, the other nodes keep their partitions and
   the jobs already in their spool. With an eager strategy every rebalance revokes everything from everyone, and
   since revocation withdraws the not-yet-started jobs, scaling the fleet would reshuffle the whole backlog.
@@ -19,26 +22,29 @@ Consumer choices (see `consumer_config`):
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata
 from loguru import logger
 
 from selfix.settings import Settings, SettingsError
 
+if TYPE_CHECKING:
+    from selfix.spool import Spool
+
 Config = dict[str, Any]
 TP = tuple[str, int]
 Check = tuple[str, bool, str]
 
-SESSION_TIMEOUT_MS = 30_000
-HEARTBEAT_INTERVAL_MS = 3_000
 MAX_POLL_INTERVAL_MS = 300_000
 
 _SECRET_KEY = re.compile(r"password|secret|jaas|private\.key|\.pem$|token", re.IGNORECASE)
@@ -80,9 +86,13 @@ def consumer_config(settings: Settings, *, client_id: str | None = None,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": SESSION_TIMEOUT_MS,
-        "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 10),
         "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
+        # The consumer pauses its partitions at KAFKA_MAX_INFLIGHT, which drops what was prefetched: keep the
+        # prefetch small instead of librdkafka's 100 000 messages / 64 MB per partition.
+        "queued.min.messages": 1000,
+        "queued.max.messages.kbytes": 16384,
     })
     conf.update(overrides or {})
     return conf
@@ -181,6 +191,16 @@ class OffsetTracker:
     def forget(self, tp: TP) -> None:
         """On revocation: the partition's next owner re-reads from the last commit."""
         self._parts.pop(tp, None)
+
+    def rewind(self, tp: TP, offset: int) -> None:
+        """The consumer seeks back to `offset`: what was received from there on will be delivered again."""
+        part = self._parts.get(tp)
+        if part is None:
+            return
+        part.pending = {o for o in part.pending if o < offset}
+        part.high = min(part.high, offset - 1)
+        if not part.pending and part.high < 0:
+            self._parts.pop(tp, None)
 
     def pending(self, tp: TP) -> frozenset[int]:
         part = self._parts.get(tp)
@@ -353,3 +373,242 @@ def check_kafka(settings: Settings, timeout: float = 5.0) -> list[Check]:
     checks: list[Check] = [("kafka.connect", True, f"{where}: {len(meta.brokers)} broker(s)")]
     checks.extend(_topic_check(admin, env, topic, timeout, secrets) for env, topic in topics)
     return checks
+
+
+# --------------------------------------------------------------------------- producing
+
+EVENT_HEADER = "selfix-event"  # status events carry it (and an "event" field); results carry neither
+PUBLISH_WAIT_S = 10.0  # how long publish() waits for the broker's acknowledgement before the uploader retries
+SHORT_WAIT_S = 0.2  # ... when an earlier delivery is already overdue (Kafka down): don't stall on every result
+WARN_EVERY_S = 30.0
+
+
+class PublishError(RuntimeError):
+    """A message was not (or not yet) acknowledged by the broker; the caller keeps it and retries later."""
+
+
+class Throttle:
+    """Log a recurring condition once per `every` seconds per key, saying how often it happened meanwhile."""
+
+    def __init__(self, every: float = WARN_EVERY_S) -> None:
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str) -> int | None:
+        """None to stay quiet; else how many times it was suppressed since the last line."""
+        now = time.monotonic()
+        last, hidden = self._last.get(key, (-1e9, 0))
+        if now - last >= self.every:
+            self._last[key] = (now, 0)
+            return hidden
+        self._last[key] = (last, hidden + 1)
+        return None
+
+
+@dataclass
+class Delivery:
+    """One produced message: settled by librdkafka's delivery report (served by poll/flush)."""
+
+    since: float = field(default_factory=time.monotonic)
+    done: bool = False
+    error: KafkaError | None = None
+    offset: int | None = None
+
+    def settle(self, err: KafkaError | None, msg: Message) -> None:
+        self.done, self.error = True, err
+        if err is None:
+            self.offset = msg.offset()
+
+
+class KafkaSender:
+    """One idempotent producer for a process: confirmed sends (results, DLQ) and fire-and-forget status events.
+
+    librdkafka retries by itself until `message.timeout.ms`; idempotence keeps those retries from duplicating or
+    reordering messages. A fatal producer error (possible with idempotence) replaces the producer instance.
+    """
+
+    def __init__(self, settings: Settings, role: str, overrides: Mapping[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.role = role
+        self.secrets = (settings.kafka_sasl_password,)
+        self.overrides = dict(overrides or {})
+        self.throttle = Throttle()
+        self.last_error: KafkaError | None = None
+        self.permanent: KafkaError | None = None
+        self._fatal = False
+        self.producer = self._make()
+
+    def _make(self) -> Producer:
+        conf = producer_config(self.settings, client_id=f"{default_client_id()}-{self.role}", overrides={
+            "error_cb": self._on_error, "logger": LibrdkafkaLog(), **self.overrides})
+        return Producer(conf)
+
+    def _on_error(self, err: KafkaError) -> None:
+        self.last_error = err
+        line = classify_kafka_error(err, secrets=self.secrets)
+        if err.fatal():
+            self._fatal = True
+            logger.error("Kafka producer: fatal error, starting a new producer: {}", line)
+            return
+        if is_permanent(err):
+            self.permanent = err
+        hidden = self.throttle(f"error:{err.code()}")
+        if hidden is not None:
+            more = f" (and {hidden} more like it)" if hidden else ""
+            (logger.error if is_permanent(err) else logger.warning)("Kafka producer: {}{}", line, more)
+
+    def describe(self, err: object) -> str:
+        return classify_kafka_error(err, secrets=self.secrets)
+
+    def problem(self) -> str:
+        """The latest thing librdkafka complained about, for an operator (or a plain 'no answer')."""
+        if self.last_error is not None:
+            return self.describe(self.last_error)
+        return "no acknowledgement from the broker yet"
+
+    def _renew_if_fatal(self) -> None:
+        if self._fatal:
+            self._fatal = False
+            old, self.producer = self.producer, self._make()
+            old.flush(0)
+
+    def send(self, topic: str, key: str | bytes | None, value: bytes,
+             headers: list[tuple[str, str | bytes | None]] | None = None) -> Delivery:
+        """Queue one message; the returned Delivery settles when the broker acknowledges or refuses it.
+
+        Raises PublishError when librdkafka refuses it at once (local queue full, message too large)."""
+        self._renew_if_fatal()
+        delivery = Delivery()
+        try:
+            self.producer.produce(topic, value, key, headers=headers or [], on_delivery=delivery.settle)
+        except BufferError as exc:
+            self.producer.poll(0.1)
+            raise PublishError(f"producer queue full: {exc}") from None
+        except KafkaException as exc:
+            raise PublishError(self.describe(exc)) from None
+        self.producer.poll(0)
+        return delivery
+
+    def wait(self, delivery: Delivery, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not delivery.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.producer.poll(min(0.05, remaining))
+        return True
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self.producer.poll(timeout)
+
+    def close(self, timeout: float = 5.0) -> int:
+        """Flush what is queued (up to `timeout`); returns how many messages were left undelivered."""
+        return self.producer.flush(timeout)
+
+
+def event_message(kind: str, task_id: str, user_id: str | None, **fields: Any) -> tuple[bytes, list[Any]]:
+    """A status event's value and headers: `{"event": kind, "taskId", "userId", "at", ...}` + selfix-event."""
+    value = {"event": kind, "taskId": task_id, "userId": user_id, "at": round(time.time(), 3), **fields}
+    return json.dumps(value, separators=(",", ":")).encode(), [(EVENT_HEADER, kind.encode())]
+
+
+class ResultPublisher:
+    """The uploader's Publisher: results to KAFKA_TOPIC_OUTPUT with key = taskId.
+
+    publish() returns only once the broker acknowledged the result (acks=all) and raises otherwise, so the uploader
+    writes done/ (the ledger the consumer commits offsets by) only for a delivered result. A result whose delivery
+    is still pending when publish() gives up is not produced a second time on the next try: the next call waits
+    for the same delivery. With KAFKA_STATUS_EVENTS, idle() also publishes started/progress events read from
+    processing/.
+    """
+
+    def __init__(self, settings: Settings, spool: Spool | None = None, *, wait_s: float = PUBLISH_WAIT_S,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.topic = settings.kafka_topic_output
+        self.wait_s = wait_s
+        self.sender = KafkaSender(settings, "uploader", overrides)
+        self.pending: dict[str, Delivery] = {}
+        self.watcher = ProgressWatcher(spool, self.emit) if settings.kafka_status_events and spool else None
+
+    def publish(self, result: dict[str, Any]) -> None:
+        task_id = str(result["taskId"])
+        delivery = self.pending.get(task_id)
+        if delivery is None or (delivery.done and delivery.error is not None):
+            value = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
+            delivery = self.sender.send(self.topic, task_id, value)
+            self.pending[task_id] = delivery
+        overdue = any(d is not delivery and not d.done and time.monotonic() - d.since > self.wait_s
+                      for d in self.pending.values())
+        if not self.sender.wait(delivery, SHORT_WAIT_S if overdue else self.wait_s):
+            raise PublishError(f"result not acknowledged by Kafka yet ({self.sender.problem()}); it stays in outbox/")
+        del self.pending[task_id]
+        if delivery.error is not None:
+            raise PublishError(self.sender.describe(delivery.error))
+
+    def emit(self, kind: str, task_id: str, user_id: str | None, **fields: Any) -> None:
+        """A status event, fire-and-forget: losing one is harmless, waiting for one would slow results."""
+        value, headers = event_message(kind, task_id, user_id, **fields)
+        try:
+            self.sender.send(self.topic, task_id, value, headers)
+        except PublishError as exc:
+            logger.bind(task_id=task_id).debug("status event {} dropped: {}", kind, exc)
+
+    def idle(self) -> None:
+        """Called on every turn of the uploader's loop: serve delivery reports, publish status events."""
+        self.sender.poll(0)
+        if self.watcher is not None:
+            self.watcher.tick()
+        cutoff = time.monotonic() - 3600
+        for task_id in [t for t, d in self.pending.items() if d.done and d.since < cutoff]:
+            del self.pending[task_id]  # delivered, but the uploader never asked again (outbox entry gone)
+
+    def close(self) -> None:
+        left = self.sender.close()
+        if left:
+            logger.warning("{} Kafka message(s) not acknowledged at exit; their results stay in outbox/", left)
+
+
+class ProgressWatcher:
+    """`started` and `progress` status events from the runner's processing/ files (at most one progress a second
+    per task). In memory only: after a restart a `started` may be sent again; events are informational."""
+
+    def __init__(self, spool: Spool, emit: Callable[..., None], every: float = 0.25,
+                 progress_every: float = 1.0) -> None:
+        self.spool = spool
+        self.emit = emit
+        self.every = every
+        self.progress_every = progress_every
+        self.last_tick = 0.0
+        self.started: set[tuple[str, int]] = set()
+        self.progress: dict[str, tuple[float, Any]] = {}
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_tick < self.every:
+            return
+        self.last_tick = now
+        seen: set[str] = set()
+        for path in self.spool.processing_files():
+            job = _read_json(path)
+            if job is None:
+                continue
+            task_id, attempt = str(job.get("taskId", path.stem)), int(job.get("attempt", 1))
+            seen.add(task_id)
+            if job.get("startedAt") and (task_id, attempt) not in self.started:
+                self.started.add((task_id, attempt))
+                self.emit("started", task_id, job.get("userId"), attempt=attempt, startedAt=job["startedAt"])
+            progress = job.get("progress")
+            last = self.progress.get(task_id)
+            if progress and (last is None or (last[1] != progress and now - last[0] >= self.progress_every)):
+                self.progress[task_id] = (now, progress)
+                self.emit("progress", task_id, job.get("userId"), attempt=attempt, progress=progress)
+        self.started = {k for k in self.started if k[0] in seen}
+        self.progress = {k: v for k, v in self.progress.items() if k in seen}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -1,62 +1,121 @@
 """Everything a job needs before ComfyUI sees it: LoRAs cached, input images placed, workflow patched.
 
 Runs in a worker thread (downloads block). Idempotent, so a runner restarted mid-way simply prepares again.
+Every key is checked again here (intake checked it already): a job file edited by hand or written by an older
+version must not make the node fetch another user's object. No request is made for a refused key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from selfix.loras import LoraCache
-from selfix.messages import INPUT_NOT_FOUND, TaskError, decode_data_url
-from selfix.storage import ObjectNotFound, ObjectStore, StorageError
+from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache
+from selfix.messages import (
+    IMAGE_NAME_RE,
+    INPUT_FORBIDDEN,
+    INPUT_NOT_FOUND,
+    INPUT_TOO_LARGE,
+    INVALID_MESSAGE,
+    Limits,
+    TaskError,
+    check_user_key,
+    decode_data_url,
+)
+from selfix.storage import ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError
 from selfix.workflow import patch, task_subfolder
+
+# What LoadImage may be given: PNG, JPEG, WebP, by their first bytes (the name's extension proves nothing).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 def input_dir_of(comfy_input_dir: Path, task_id: str) -> Path:
     return comfy_input_dir / task_subfolder(task_id)
 
 
+def is_image(head: bytes) -> bool:
+    return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def place_images(job: dict[str, Any], store: ObjectStore, comfy_input_dir: Path, max_data_url_bytes: int,
-                 ) -> dict[str, str]:
-    """Write each input image to ComfyUI's input/selfix/<taskId>/<name>; return name → LoadImage value."""
-    images: dict[str, str] = job.get("images") or {}
+                 limits: Limits | None = None) -> dict[str, str]:
+    """Write each input image to ComfyUI's input/selfix/<taskId>/<name>; return name → LoadImage value.
+
+    An S3 image must be under the user's prefix and at most `max_data_url_bytes` (the same limit as a data: URL);
+    either kind must really be a PNG, JPEG or WebP image.
+    """
+    images = job.get("images") or {}
     if not images:
         return {}
+    if not isinstance(images, dict):
+        raise TaskError(INVALID_MESSAGE, "images must be an object of file name -> object key or data: URL")
+    limits = limits or Limits(max_data_url_bytes=max_data_url_bytes)
+    for name, ref in images.items():  # every check before the first byte is written or fetched
+        if not isinstance(name, str) or not IMAGE_NAME_RE.match(name):
+            raise TaskError(INPUT_FORBIDDEN, f"image name {str(name)[:80]!r} must be a plain .png/.jpg/.webp name")
+        if not isinstance(ref, str):
+            raise TaskError(INVALID_MESSAGE, f"images[{name!r}] must be a string")
+        if not ref.startswith("data:"):
+            check_user_key(ref, str(job.get("userId")), limits, INPUT_FORBIDDEN, f"images[{name!r}]")
     folder = input_dir_of(comfy_input_dir, job["taskId"])
     folder.mkdir(parents=True, exist_ok=True)
     bound = {}
     for name, ref in images.items():
         target = folder / name
         part = folder / f".{name}.part"
-        if ref.startswith("data:"):
-            part.write_bytes(decode_data_url(ref, max_data_url_bytes, name))
-        else:
-            _fetch_input(store, ref, part, name)
-        os.replace(part, target)
+        try:
+            if ref.startswith("data:"):
+                part.write_bytes(decode_data_url(ref, max_data_url_bytes, name))
+            else:
+                _fetch_input(store, ref, part, name, max_data_url_bytes)
+            with open(part, "rb") as fh:
+                if not is_image(fh.read(12)):
+                    raise TaskError(INPUT_FORBIDDEN, f"images[{name!r}] is not a PNG, JPEG or WebP image")
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
         bound[name] = f"{task_subfolder(job['taskId'])}/{name}"
     return bound
 
 
-def _fetch_input(store: ObjectStore, key: str, part: Path, name: str) -> None:
+def _fetch_input(store: ObjectStore, key: str, part: Path, name: str, max_bytes: int) -> None:
     try:
-        store.get_to_file(key, part)
+        store.get_to_file(key, part, max_bytes=max_bytes)
     except ObjectNotFound:
         raise TaskError(INPUT_NOT_FOUND, f"images[{name!r}]: {key!r} does not exist in the store") from None
+    except ObjectTooLarge:
+        raise TaskError(INPUT_TOO_LARGE, f"images[{name!r}]: {key!r} is larger than {max_bytes} bytes") from None
     except StorageError as exc:
         if exc.retriable:
             raise
         raise TaskError(exc.result_code("input"), f"images[{name!r}]: {exc}") from None
 
 
+def ensure_loras(job: dict[str, Any], loras: LoraCache) -> dict[str, str]:
+    """key → the name ComfyUI lists, for each of the job's LoRAs (fetched when absent)."""
+    keys = [k for k in job.get("loraModels") or []]
+    bound = {}
+    for key in keys:
+        if not isinstance(key, str):
+            raise TaskError(INVALID_MESSAGE, "loraModel must be a string or a list of strings")
+        try:
+            bound[key] = loras.ensure(key, str(job.get("userId")))
+        except CacheFull as exc:
+            if exc.blocking and exc.blocking <= set(keys):
+                raise TaskError(LORA_TOO_LARGE, f"the job's LoRAs together do not fit the LoRA cache: {exc}") from None
+            raise  # other jobs' LoRAs hold the room: the runner defers this job
+    return bound
+
+
 def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_input_dir: Path,
             max_data_url_bytes: int) -> dict[str, Any]:
     """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError."""
-    bound_loras = {key: loras.ensure(key) for key in job.get("loraModels") or []}
-    bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes)
+    bound_loras = ensure_loras(job, loras)
+    limits = dataclasses.replace(loras.limits, max_data_url_bytes=max_data_url_bytes)
+    bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes, limits)
     return patch(job["workflow"], job["taskId"], bound_loras, bound_images)
 
 

@@ -383,8 +383,9 @@ class Runner:
             job = self.load_job(path)
             if job is None:
                 continue
-            if self.spool.outbox_dir(job["taskId"]).exists():
-                self.spool.drop_processing(job["taskId"])  # crashed between outbox rename and cleanup
+            if self.spool.state_of(job["taskId"]) in ("outbox", "done"):
+                # Crashed between the outbox rename and this cleanup (the uploader may have published since).
+                self.spool.drop_processing(job["taskId"])
                 continue
             jobs.append(job)
         for job in sorted(jobs, key=lambda j: j.get("submittedAt") or j.get("claimedAt") or 0):

@@ -206,6 +206,8 @@ SPECS: tuple[Spec, ...] = (
       group="kafka"),
     S("KAFKA_STATUS_EVENTS", "kafka_status_events", "false", _bool,
       "Also publish accepted/started/progress events on the output topic.", group="kafka"),
+    S("KAFKA_SESSION_TIMEOUT_MS", "kafka_session_timeout_ms", "30000", _positive_int,
+      "Consumer group session timeout: a node silent this long loses its partitions to the fleet.", group="kafka"),
     S("METRICS_PORT", "metrics_port", "9400", _port, "Watchdog HTTP port: /metrics, /healthz, /readyz.",
       group="watchdog"),
     S("METRICS_HOST", "metrics_host", "0.0.0.0", str, "Address the watchdog HTTP server binds.", group="watchdog"),
@@ -286,6 +288,7 @@ class Settings:
     kafka_topic_dlq: str | None
     kafka_ssl_ca_location: str | None
     kafka_status_events: bool
+    kafka_session_timeout_ms: int
     metrics_port: int
     metrics_host: str
     watchdog_interval_s: float

@@ -9,11 +9,17 @@ map it to a result error code without knowing S3: ``exc.result_code("lora")`` gi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import hashlib
 import mimetypes
 import os
+import queue
 import re
 import shutil
 import socket
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -88,6 +94,21 @@ class StorageUnavailable(StorageError):
     retriable = True
 
 
+class ObjectTooLarge(StorageError):
+    """The object is larger than the caller accepts; refused before its body is read."""
+
+    kind = "too_large"
+
+
+class ChecksumMismatch(StorageError):
+    """The bytes received do not match the object's MD5 ETag, again and again: the stored object is damaged.
+
+    A single mismatch (a corrupted transfer) is retried inside the store's retry budget like a broken connection.
+    """
+
+    kind = "corrupt"
+
+
 # --------------------------------------------------------------------------------------------------- interface
 
 
@@ -98,14 +119,16 @@ class ObjectInfo:
     last_modified: datetime | None
     multipart: bool = False
     content_type: str | None = None
+    md5: str | None = None  # hex MD5 of the bytes received, when it was computed (and matched the ETag)
 
 
 @runtime_checkable
 class ObjectStore(Protocol):
     def stat(self, key: str) -> ObjectInfo: ...
 
-    def get_to_file(self, key: str, path: Path) -> ObjectInfo:
-        """Download to exactly `path` (fsynced; the caller renames it into place) and verify the size."""
+    def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
+        """Download to exactly `path` (fsynced; the caller renames it into place) and verify the size (and the
+        MD5 where the ETag is one). An object over `max_bytes` raises ObjectTooLarge before its body is read."""
         ...
 
     def put_file(self, key: str, path: Path, content_type: str) -> None: ...
@@ -182,7 +205,7 @@ class LocalStore:
             return False
         return True
 
-    def get_to_file(self, key: str, path: Path) -> ObjectInfo:
+    def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         source = self._path(key)
         try:
             src = open(source, "rb")  # noqa: SIM115 - closed by the with below; open first to map errors
@@ -192,6 +215,7 @@ class LocalStore:
             with src, open(path, "wb") as dst:
                 # fstat of the open file: the object may be replaced meanwhile, we copy the version we opened.
                 info = self._info(key, os.fstat(src.fileno()))
+                _check_max(key, info.size, max_bytes)
                 shutil.copyfileobj(src, dst, CHUNK)
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -228,6 +252,11 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
+
+
+def _check_max(key: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(f"object {key!r} is {size} bytes; at most {max_bytes} accepted", key=key)
 
 
 def _check_size(key: str, got: int, expected: int) -> None:
@@ -348,10 +377,10 @@ class S3Store:
             return False
         return True
 
-    def get_to_file(self, key: str, path: Path) -> ObjectInfo:
+    def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         validate_key(key)
         try:
-            return self._call("GET", key, lambda: self._download(key, Path(path)))
+            return self._call("GET", key, lambda: self._download(key, Path(path), max_bytes))
         except BaseException:
             # A truncated file must not survive under a name a caller might trust.
             Path(path).unlink(missing_ok=True)
@@ -370,15 +399,23 @@ class S3Store:
             raise StorageError(f"s3 bucket {self.bucket!r} does not exist (looking for {key!r})", key=key,
                                s3_code="NoSuchBucket")
 
-    def _download(self, key: str, path: Path) -> ObjectInfo:
-        """One GET streamed into `path` (truncated first, so a retry starts clean)."""
+    def _download(self, key: str, path: Path, max_bytes: int | None) -> ObjectInfo:
+        """One GET streamed into `path` (truncated first, so a retry starts clean).
+
+        The size is checked against Content-Length; the MD5 against the ETag when the ETag is a plain MD5 (a
+        single-part upload without server-side encryption). Hashing runs in a second thread, beside the network.
+        """
         with self._get(key) as response:
             headers = response.headers
             etag = headers.get("etag", "").replace('"', "")
             expected = int(headers.get("content-length", "-1"))
-            written = _stream_to_file(response, path)
+            _check_max(key, expected, max_bytes)
+            verify_md5 = _is_md5(etag) and not headers.get("x-amz-server-side-encryption")
+            written, md5 = _stream_to_file(response, path, verify_md5)
         if expected >= 0:
             _check_size(key, written, expected)
+        if md5 is not None and md5 != etag.lower():
+            raise _Corrupted(f"download of {key!r}: MD5 {md5} does not match the ETag {etag}", key=key)
         modified = headers.get("last-modified")
         return ObjectInfo(
             size=written,
@@ -386,6 +423,7 @@ class S3Store:
             last_modified=_http_date(modified) if modified else None,
             multipart=_is_multipart(etag),
             content_type=headers.get("content-type"),
+            md5=md5,
         )
 
     @contextlib.contextmanager
@@ -407,6 +445,8 @@ class S3Store:
                 return fn()
             except _CLASSIFIED as exc:
                 error = self._classify(op, key, exc)
+                if isinstance(error, _Corrupted) and attempt >= min(self.retry.attempts, CORRUPT_ATTEMPTS):
+                    raise ChecksumMismatch(f"{error} ({attempt} times)", key=key) from exc
                 if not error.retriable:
                     if error is exc:
                         raise
@@ -444,15 +484,87 @@ class S3Store:
         return text.replace(self._secret, "***") if self._secret else text
 
 
-def _stream_to_file(response: Any, path: Path) -> int:
-    written = 0
-    with open(path, "wb") as out:
-        for chunk in response.stream(CHUNK):
-            out.write(chunk)
-            written += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return written
+class _Corrupted(StorageUnavailable):
+    """One download whose bytes did not match the ETag: retried; ChecksumMismatch once it keeps happening."""
+
+
+CORRUPT_ATTEMPTS = 3
+WRITEBACK_EVERY = 8 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback of what was written so far, without waiting.
+
+    Started every few MB, it spreads the disk writes over the download, so the final fsync (needed before the
+    rename into place) finds little left to write instead of the whole file.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
+
+
+class _Hasher:
+    """MD5 in a second thread (hashlib releases the GIL on large buffers), so hashing overlaps the network."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.md5(usedforsecurity=False)
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="md5", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self.digest.hexdigest()
+
+
+def _stream_to_file(response: Any, path: Path, md5: bool = False) -> tuple[int, str | None]:
+    """Write the body to `path`, fsynced; returns (bytes written, MD5 hex or None)."""
+    written = synced = 0
+    hasher = _Hasher() if md5 else None
+    try:
+        with open(path, "wb") as out:
+            fd = out.fileno()
+            for chunk in response.stream(CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                if _start_writeback is not None and written - synced >= WRITEBACK_EVERY:
+                    out.flush()
+                    _start_writeback(fd, synced, written - synced)
+                    synced = written
+            out.flush()
+            os.fsync(fd)
+    finally:
+        digest = hasher.finish() if hasher is not None else None
+    return written, digest
+
+
+def _is_md5(etag: str) -> bool:
+    return bool(re.fullmatch(r"[0-9a-fA-F]{32}", etag))
 
 
 def _is_multipart(etag: str) -> bool:
@@ -539,7 +651,7 @@ def _check_auth_and_bucket(settings: Settings, timeout: float) -> list[Check]:
 
 
 __all__ = [
-    "DEFAULT_PART_SIZE", "InvalidKey", "LocalStore", "ObjectForbidden", "ObjectInfo", "ObjectNotFound",
-    "ObjectStore", "RetryPolicy", "S3Store", "StorageError", "StorageUnavailable", "check_s3", "make_client",
-    "open_store", "split_endpoint", "validate_key",
+    "DEFAULT_PART_SIZE", "ChecksumMismatch", "InvalidKey", "LocalStore", "ObjectForbidden", "ObjectInfo",
+    "ObjectNotFound", "ObjectStore", "ObjectTooLarge", "RetryPolicy", "S3Store", "StorageError", "StorageUnavailable",
+    "check_s3", "make_client", "open_store", "split_endpoint", "validate_key",
 ]

@@ -32,11 +32,17 @@ class Publisher(Protocol):
     def publish(self, result: dict[str, Any]) -> None:
         """Return only once the result is durably delivered; raise to retry later."""
 
+    def idle(self) -> None:
+        """Called on every turn of the uploader's loop (Kafka: delivery reports, optional status events)."""
+
     def close(self) -> None: ...
 
 
 class NoPublisher:
     def publish(self, result: dict[str, Any]) -> None:
+        return None
+
+    def idle(self) -> None:
         return None
 
     def close(self) -> None:
@@ -66,6 +72,7 @@ class Uploader:
                     break
                 self.deliver(task_id)
             self.maintain()
+            self.publisher.idle()
             if not self._ready(self.spool.outbox_tasks()):
                 self.flags.abort.wait(IDLE_POLL_S)
         self.publisher.close()
@@ -127,12 +134,12 @@ class Uploader:
             logger.info("pruned {} done/ entries older than {:g}h", removed, self.settings.done_retention_h)
 
 
-def make_publisher(settings: Settings) -> Publisher:
+def make_publisher(settings: Settings, spool: Spool | None = None) -> Publisher:
     if not settings.kafka_enabled:
         return NoPublisher()
-    from selfix.kafka import ResultPublisher  # type: ignore[attr-defined,unused-ignore] # lazily: offline nodes never load librdkafka
+    from selfix.kafka import ResultPublisher  # lazily: offline nodes never load librdkafka
 
-    return ResultPublisher(settings)  # type: ignore[no-any-return,attr-defined,unused-ignore]
+    return ResultPublisher(settings, spool)
 
 
 def main() -> int:
@@ -142,7 +149,7 @@ def main() -> int:
     store = open_store(settings)
     logger.info("uploader starting: store {}, results {}", store.describe(),
                 f"Kafka topic {settings.kafka_topic_output}" if settings.kafka_enabled else "done/ only")
-    return Uploader(settings, spool, store, make_publisher(settings), flags).run()
+    return Uploader(settings, spool, store, make_publisher(settings, spool), flags).run()
 
 
 if __name__ == "__main__":

@@ -780,9 +780,14 @@ def _sampling_nodes() -> list[NodeDef]:
     ]
 
 
+def always_changed(_folders: FolderPaths, _args: dict[str, Any]) -> Any:
+    return time.time()  # real: SaveImageWebsocket.IS_CHANGED, so it is never served from cache
+
+
 SAVE_IMAGE_WEBSOCKET = NodeDef(
     "SaveImageWebsocket", "SaveImageWebsocket", "api node/image/ui", _static({"required": {"images": ("IMAGE",)}}),
     (), run_save_image_websocket, output_node=True, python_module="custom_nodes.websocket_image_save",
+    is_changed=always_changed,
 )
 
 
@@ -981,7 +986,10 @@ class Validator:
     def _custom_validation(self, node: NodeDef, inputs: dict[str, Any]) -> list[dict[str, Any]]:
         if node.validate is None:
             return []
-        args = {x: inputs[x] for x in node.validate_args if x in inputs and not isinstance(inputs[x], list)}
+        missing = [x for x in node.validate_args if x not in inputs]
+        if missing:  # real: VALIDATE_INPUTS is called without the argument and raises
+            raise TypeError(f"{node.name}.VALIDATE_INPUTS() missing 1 required positional argument: '{missing[0]}'")
+        args = {x: inputs[x] for x in node.validate_args if not isinstance(inputs[x], list)}
         result = node.validate(self.folders, args)
         if result is True:
             return []
@@ -1023,7 +1031,9 @@ def _inner_exception(name: str, info: tuple[Any, Any], val: Any, ex: Exception) 
 class ExecutionList:
     """Which node runs next; the same output-first heuristic as ComfyUI, so node order matches the captures."""
 
-    def __init__(self, prompt: dict[str, Any], registry: dict[str, NodeDef], is_cached: Callable[[str], bool]):
+    def __init__(
+        self, prompt: dict[str, Any], registry: dict[str, NodeDef], is_cached: Callable[[str], bool]
+    ) -> None:
         self.prompt = prompt
         self.registry = registry
         self.is_cached = is_cached
@@ -1184,7 +1194,7 @@ class Executor:
     async def execute(self, prompt: dict[str, Any], prompt_id: str, extra: dict[str, Any], outputs: list[str]) -> None:
         srv = self.server
         srv.interrupt_flag = False  # a stale interrupt must not kill this prompt
-        srv.client_id = extra["client_id"] if "client_id" in extra else None
+        srv.client_id = extra.get("client_id")
         self.status_messages = []
         self.success = True
         self.add_message("execution_start", {"prompt_id": prompt_id}, broadcast=False)
@@ -1226,19 +1236,19 @@ class Executor:
 
     async def _run_graph(self, run: Run, outputs: list[str]) -> None:
         elist = ExecutionList(run.prompt, self.server.registry, lambda n: run.keys.get(n) in self.outputs)
-        for node_id in outputs:
-            elist.add_node(node_id)
+        for output in outputs:
+            elist.add_node(output)
         while not elist.is_empty():
             node_id = elist.stage()
-            if node_id is None:
-                failure = NodeFailure(next(iter(elist.pending)), _cycle_details(next(iter(elist.pending))))
+            if node_id is None:  # only a dependency cycle leaves pending nodes with none ready
+                blocked = next(iter(elist.pending))
+                failure: NodeFailure | None = NodeFailure(blocked, _cycle_details(blocked))
             else:
                 failure = await self._execute_node(run, node_id)
             self.success = failure is None
-            if failure is not None:
-                self._handle_error(run, failure)
+            if failure is not None or node_id is None:
+                self._handle_error(run, failure or NodeFailure("", None))
                 return
-            assert node_id is not None
             elist.complete(node_id)
         self.add_message("execution_success", {"prompt_id": run.prompt_id}, broadcast=False)
 
@@ -1417,6 +1427,7 @@ class Config:
     custom_nodes: bool
     cache_none: bool
     argv: list[str]
+    temp_root_owned: bool = False  # no --temp-dir: we made a private root and remove all of it at exit
 
 
 @dataclass
@@ -1583,7 +1594,12 @@ class FakeComfy:
         self.last_prompt_id = item.prompt_id
         self._record_start(item.prompt_id)
         extra = {**item.extra_data, **item.sensitive}
-        await self.executor.execute(item.prompt, item.prompt_id, extra, item.outputs)
+        try:
+            await self.executor.execute(item.prompt, item.prompt_id, extra, item.outputs)
+        except Exception:  # a bug in the double must not wedge its queue: the prompt just ends as an error
+            log.exception("fake_comfyui: executor failed")
+            self.executor.success = False
+            self.executor.history_result = {"outputs": {}, "meta": {}}
         self._task_done(item_id)
         if self.client_id is not None:
             self.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, self.client_id)
@@ -1660,10 +1676,10 @@ def origin_mismatch(host: str, origin: str) -> bool:
 def make_middlewares(cors_origin: str | None) -> list[Any]:
     @web.middleware
     async def origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if "Host" in request.headers and "Origin" in request.headers:
-            if origin_mismatch(request.headers["Host"], request.headers["Origin"]):
-                log.warning("WARNING: request with non matching host and origin, returning 403")
-                return web.Response(status=403)
+        headers = request.headers
+        if "Host" in headers and "Origin" in headers and origin_mismatch(headers["Host"], headers["Origin"]):
+            log.warning("WARNING: request with non matching host and origin, returning 403")
+            return web.Response(status=403)
         return web.Response() if request.method == "OPTIONS" else await handler(request)
 
     @web.middleware
@@ -1764,9 +1780,9 @@ class Routes:
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = json_data["prompt"]
         prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
-        partial = json_data["partial_execution_targets"] if "partial_execution_targets" in json_data else None
+        partial = json_data.get("partial_execution_targets")
         valid = Validator(s.registry, s.folders, prompt).run(partial)
-        extra_data = json_data["extra_data"] if "extra_data" in json_data else {}
+        extra_data = json_data.get("extra_data", {})
         if "client_id" in json_data:
             extra_data["client_id"] = json_data["client_id"]
         if not valid.ok:
@@ -1878,15 +1894,16 @@ class Routes:
 
     async def upload_image(self, request: web.Request) -> web.StreamResponse:
         post = await request.post()
+        raw_type = post.get("type")
+        upload_type = "input" if raw_type is None else str(raw_type)
+        upload_dir = self.s.folders.directory_by_type(upload_type)
+        if upload_dir is None:
+            raise UnboundLocalError("cannot access local variable 'type_dir'")  # real: 500 for a bad type
         image = post.get("image")
         if not isinstance(image, web.FileField):
             if image:
                 raise AttributeError("'str' object has no attribute 'file'")  # real: 500 for a non-file field
             return web.Response(status=400)
-        upload_type = str(post.get("type") or "input")
-        upload_dir = self.s.folders.directory_by_type(upload_type)
-        if upload_dir is None:
-            raise UnboundLocalError("cannot access local variable 'type_dir'")  # real: 500 for a bad type
         if not image.filename:
             return web.Response(status=400)
         subfolder = str(post.get("subfolder", ""))
@@ -2141,7 +2158,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> Config:
         preview_method=args.preview_method, preview_size=args.preview_size,
         max_upload_size=round(args.max_upload_size * 1024 * 1024), cors_origin=args.enable_cors_header,
         disable_metadata=args.disable_metadata, custom_nodes=not args.disable_all_custom_nodes,
-        cache_none=args.cache_none, argv=["main.py", *argv],
+        cache_none=args.cache_none, argv=["main.py", *argv], temp_root_owned=args.temp_dir is None,
     )
 
 
@@ -2210,7 +2227,7 @@ async def serve(cfg: Config) -> None:
         for task in tasks:
             task.cancel()
         await runner.cleanup()
-        shutil.rmtree(cfg.temp_dir, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(cfg.temp_dir) if cfg.temp_root_owned else cfg.temp_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,9 +77,9 @@ def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", b
 
 
 def task(task_id: str, *, user: str = "u1", priority: int = 0, steps: int = 2, lora: str | None = None,
-         **extra: Any) -> dict[str, Any]:
+         batch: int = 1, **extra: Any) -> dict[str, Any]:
     msg: dict[str, Any] = {"taskId": task_id, "userId": user, "priority": priority,
-                           "workflow": t2i_workflow(steps, lora=lora and lora.rsplit("/", 1)[-1])}
+                           "workflow": t2i_workflow(steps, lora=lora and lora.rsplit("/", 1)[-1], batch=batch)}
     if lora:
         msg["loraModel"] = lora
     msg.update(extra)
@@ -128,7 +128,7 @@ class Node:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "selfix", "up"], env=self.env, cwd=ROOT,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
-        wait_until(lambda: self._running(wait_programs), 60, f"programs {wait_programs} RUNNING\n{self.log_tail()}")
+        wait_until(lambda: self._running(wait_programs), 60, lambda: f"{wait_programs} RUNNING\n{self.log_tail()}")
         wait_until(self.comfy_answers, 60, "ComfyUI double answering")
         return self
 
@@ -155,6 +155,9 @@ class Node:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"selfix up exited with {self.proc.returncode}\n{self.log_tail()}")
         info = self.info()
+        fatal = [p for p in programs if info.get(p, {}).get("statename") == "FATAL"]
+        if fatal:
+            raise AssertionError(f"programs {fatal} FATAL\n{self.log_tail()}")
         return all(info.get(p, {}).get("statename") == "RUNNING" for p in programs)
 
     def pid(self, program: str) -> int:
