@@ -117,17 +117,46 @@ def redact(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("***" if _SECRET_KEY.search(k) and v not in (None, "") else v) for k, v in config.items()}
 
 
-class LibrdkafkaLog:
-    """`logger` for librdkafka clients: its log lines go through loguru, never above `ceiling`."""
+class Throttle:
+    """Log a recurring condition once per `every` seconds per key, saying how often it happened meanwhile."""
 
-    def __init__(self, ceiling: str = "WARNING") -> None:
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str) -> int | None:
+        """None to stay quiet; else how many times it was suppressed since the last line."""
+        now = time.monotonic()
+        last, hidden = self._last.get(key, (-1e9, 0))
+        if now - last >= self.every:
+            self._last[key] = (now, 0)
+            return hidden
+        self._last[key] = (last, hidden + 1)
+        return None
+
+
+class LibrdkafkaLog:
+    """`logger` for librdkafka clients: its log lines go through loguru, never above `ceiling`.
+
+    Lines at INFO and above are throttled per facility (FAIL, ...) to one per `every` seconds: with a broker
+    down librdkafka logs every reconnect attempt, 20 a second, and error_cb already says why."""
+
+    def __init__(self, ceiling: str = "WARNING", every: float = 30.0) -> None:
         self.ceiling = ceiling
+        self.throttle = Throttle(every)
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
         name = _SYSLOG_TO_LOGURU.get(level, "DEBUG")
         if logger.level(name).no > logger.level(self.ceiling).no:
             name = self.ceiling
-        logger.opt(depth=1).log(name, "librdkafka: " + (fmt % args if args else fmt))
+        line = "librdkafka: " + (fmt % args if args else fmt)
+        if logger.level(name).no >= logger.level("INFO").no:
+            hidden = self.throttle(f"{name}:{args[0] if args else fmt}")
+            if hidden is None:
+                return
+            if hidden:
+                line += f" (and {hidden} more like it)"
+        logger.opt(depth=1).log(name, line)
 
 
 # --------------------------------------------------------------------------- offsets
@@ -380,29 +409,10 @@ def check_kafka(settings: Settings, timeout: float = 5.0) -> list[Check]:
 EVENT_HEADER = "selfix-event"  # status events carry it (and an "event" field); results carry neither
 PUBLISH_WAIT_S = 10.0  # how long publish() waits for the broker's acknowledgement before the uploader retries
 SHORT_WAIT_S = 0.2  # ... when an earlier delivery is already overdue (Kafka down): don't stall on every result
-WARN_EVERY_S = 30.0
 
 
 class PublishError(RuntimeError):
     """A message was not (or not yet) acknowledged by the broker; the caller keeps it and retries later."""
-
-
-class Throttle:
-    """Log a recurring condition once per `every` seconds per key, saying how often it happened meanwhile."""
-
-    def __init__(self, every: float = WARN_EVERY_S) -> None:
-        self.every = every
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, key: str) -> int | None:
-        """None to stay quiet; else how many times it was suppressed since the last line."""
-        now = time.monotonic()
-        last, hidden = self._last.get(key, (-1e9, 0))
-        if now - last >= self.every:
-            self._last[key] = (now, 0)
-            return hidden
-        self._last[key] = (last, hidden + 1)
-        return None
 
 
 @dataclass

@@ -240,8 +240,13 @@ class LoraCache:
         self._pins: Counter[str] = Counter()
         self._pins_lock = threading.Lock()
         self.state = self.root / STATE
-        (self.state / "meta").mkdir(parents=True, exist_ok=True)
-        (self.state / "locks").mkdir(parents=True, exist_ok=True)
+        self._made = False
+
+    def _make_dirs(self) -> None:
+        if not self._made:  # at first use, not in __init__: constructing a cache touches no disk
+            (self.state / "meta").mkdir(parents=True, exist_ok=True)
+            (self.state / "locks").mkdir(parents=True, exist_ok=True)
+            self._made = True
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ObjectStore, spool: Spool | None = None) -> LoraCache:
@@ -289,7 +294,7 @@ class LoraCache:
     # --- pins (this process) ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def pinned(self, keys: Iterable[str]) -> Iterator[None]:
-        """Keys no eviction in this process may remove while the block runs (on top of processing/)."""
+        """Keys no eviction by this cache object may remove while the block runs (on top of processing/)."""
         keys = list(keys)
         with self._pins_lock:
             self._pins.update(keys)
@@ -313,6 +318,7 @@ class LoraCache:
         StorageError (the runner defers the job).
         """
         self.check_key(key, user_id)
+        self._make_dirs()
         with _Lock.take(self._lock_path(key), exclusive=False):
             if self.fresh(key) is not None:
                 return self._used(key)
@@ -321,16 +327,17 @@ class LoraCache:
 
     def prefetch(self, key: str, user_id: str | None, window: Iterable[str] = ()) -> bool:
         """Best effort, for the prefetch thread: fetch `key` unless someone else is fetching it already or there is
-        no room without evicting in-use files or the `window` keys. Never raises; True when the file is there."""
+        no room without evicting in-use files or the other `window` keys (the LoRAs of the next jobs, so fetching one
+        does not evict another). Never raises; True when the file is there."""
         try:
             self.check_key(key, user_id)
-            with self.pinned(window):
-                lock = _Lock.try_take(self._lock_path(key))
-                if lock is None:
-                    return False  # a download of it is running right now
-                with lock:
-                    self._ensure_locked(key, lock)
-                    return True
+            self._make_dirs()
+            lock = _Lock.try_take(self._lock_path(key))
+            if lock is None:
+                return False  # a download of it is running right now
+            with lock:
+                self._ensure_locked(key, lock, frozenset(window))
+                return True
         except (TaskError, StorageError) as exc:
             logger.debug("prefetch of {} skipped: {}", key, exc)
             return False
@@ -373,7 +380,7 @@ class LoraCache:
             os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
         return self.comfy_name(key)
 
-    def _ensure_locked(self, key: str, lock: _Lock) -> str:
+    def _ensure_locked(self, key: str, lock: _Lock, keep: frozenset[str] = frozenset()) -> str:
         """With the key's lock held exclusively: confirm the cached copy (HEAD after the TTL) or download."""
         if self.fresh(key) is not None:
             return self._used(key)  # fetched by another process or thread while we waited for the lock
@@ -392,10 +399,10 @@ class LoraCache:
                 return self._used(key)
             logger.info("LoRA {} changed in the store (ETag {} -> {}): fetching it again", key, meta.etag, info.etag)
             size = info.size
-        self._download(key, lock, size)
+        self._download(key, lock, size, keep)
         return self._used(key)
 
-    def _download(self, key: str, lock: _Lock, size: int | None) -> None:
+    def _download(self, key: str, lock: _Lock, size: int | None, keep: frozenset[str]) -> None:
         target, part = self.path_of(key), self._part_path(key)
         for _ in range(3):
             if size is None:
@@ -408,14 +415,16 @@ class LoraCache:
             if size > self.max_bytes:
                 raise TaskError(LORA_TOO_LARGE, f"loraModel {key!r} is {size} bytes, larger than the whole LoRA "
                                                 f"cache (LORA_CACHE_MAX_GB={self.max_bytes / GB:g})")
-            self._reserve(key, size, lock)
+            self._reserve(key, size, lock, keep)
             started = time.monotonic()
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 info = self.store.get_to_file(key, part, max_bytes=size)
                 check_safetensors(part)
-                self._write_meta(Meta(key, info.etag, info.size, time.time()))
-                os.replace(part, target)
+                with self.exclusive():  # the file starts counting as the reservation stops: never both
+                    self._write_meta(Meta(key, info.etag, info.size, time.time()))
+                    os.replace(part, target)
+                    lock.write("")
                 _fsync_dir(target.parent)
             except ObjectTooLarge:
                 size = None  # replaced by a larger object since the HEAD: reserve again
@@ -433,17 +442,17 @@ class LoraCache:
             return
         raise StorageError(f"loraModel {key!r} keeps changing size while being fetched", key=key)
 
-    def _reserve(self, key: str, size: int, lock: _Lock) -> None:
-        """Under the cache lock: evict LRU files until `size` more bytes fit the budget and the disk floor, then
-        record the reservation in the key's lock file (seen by every other process's scan)."""
-        with _Lock.take(self.state / "cache.lock", exclusive=True):
+    def _reserve(self, key: str, size: int, lock: _Lock, keep: frozenset[str]) -> None:
+        """Under the cache lock: evict LRU files (not `keep`) until `size` more bytes fit the budget and the disk
+        floor, then record the reservation in the key's lock file (seen by every other process's scan)."""
+        with self.exclusive():
             entries, reserved = self.scan()
             used = sum(e.size for e in entries) + reserved
             over = used + size - self.max_bytes
             free = self.disk_free(self.root)
             short = self.free_floor_bytes + size - free
             if over > 0 or short > 0:
-                freed, blocking = self._evict(entries, key, max(over, short))
+                freed, blocking = self._evict(entries, keep | {key}, max(over, short))
                 over -= freed
                 short -= freed
                 if over > 0 or short > 0:
@@ -453,11 +462,11 @@ class LoraCache:
                                     f"{sorted(blocking)[:5]}", key=key, blocking=blocking)
             lock.write(f"{size} {key}")
 
-    def _evict(self, entries: list[Entry], key: str, need: int) -> tuple[int, set[str]]:
+    def _evict(self, entries: list[Entry], keep: frozenset[str], need: int) -> tuple[int, set[str]]:
         """Remove least recently used files until `need` bytes are freed; returns (freed, in-use keys skipped)."""
         freed = 0
         blocking: set[str] = set()
-        protected = self._protected([key])
+        protected = self._protected(keep)
         for entry in sorted(entries, key=lambda e: e.used_at):
             if freed >= need:
                 break
@@ -484,6 +493,7 @@ class LoraCache:
         """Cached files we own (with a meta) and the bytes reserved by downloads in progress. Removes what killed
         downloads left: *.part files of keys nobody holds, stale reservations. Files without a meta (put there
         by hand) count toward the budget but are never evicted."""
+        self._make_dirs()
         entries: list[Entry] = []
         foreign = 0
         for dirpath, dirs, files in os.walk(self.root):
@@ -534,9 +544,17 @@ class LoraCache:
                 lock.write("")  # its downloader died: the reservation is void
         return total
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the cache lock: no reservation or eviction happens meanwhile (for consistent measurements)."""
+        self._make_dirs()
+        with _Lock.take(self.state / "cache.lock", exclusive=True):
+            yield
+
     def usage(self) -> int:
         """Bytes the budget counts right now (cached files + reservations of downloads in progress)."""
-        entries, reserved = self.scan()
+        with self.exclusive():
+            entries, reserved = self.scan()
         return sum(e.size for e in entries) + reserved
 
 

@@ -23,7 +23,7 @@ from selfix import messages as m
 from selfix.backoff import compute_backoff
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, prompt_id_for
 from selfix.faults import crashpoint
-from selfix.loras import LoraCache
+from selfix.loras import LoraCache, Prefetcher
 from selfix.prepare import prepare
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
 from selfix.settings import Settings
@@ -63,7 +63,8 @@ class Runner:
         self.settings = settings
         self.spool = spool
         self.store = store
-        self.loras = LoraCache(settings.lora_cache_dir, store)
+        self.loras = LoraCache.from_settings(settings, store, spool)  # never evicts what processing/ names
+        self.prefetcher = Prefetcher(self.loras, spool)  # next inbox jobs' LoRAs, in its own thread
         self.client = client
         self.flags = flags
         self.inflight: dict[str, Inflight] = {}
@@ -76,6 +77,7 @@ class Runner:
     async def run(self) -> int:
         self.recover()
         self.stream.start()
+        self.prefetcher.start()
         try:
             while not self.flags.abort.is_set():
                 self.spool.beat("runner")
@@ -88,13 +90,16 @@ class Runner:
                 await self.settle()
                 await self.wait_for_change()
         finally:
+            self.prefetcher.close()
             await self.stream.stop()
         return EXIT_ABORTED if self.flags.abort.is_set() else EXIT_OK
 
     async def wait_for_change(self) -> None:
-        self.wake.clear()
+        """Sleep until an event (a prompt finished, a job was collected) or the next tick; a wake that came
+        while we were busy returns at once, so a freed slot is refilled without waiting for the tick."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), TICK_S)
+        self.wake.clear()
 
     def capacity(self) -> int:
         return 1 + self.settings.queue_ahead
@@ -104,13 +109,14 @@ class Runner:
         while len(self.inflight) < self.capacity() and not self.flags.stopping.is_set():
             entry = self.spool.next_ready()
             if entry is None:
-                return
+                break
             path = self.spool.claim(entry)
             if path is None:
                 continue
             job = self.load_job(path)
             if job is not None:
                 await self.start(job)
+        self.prefetcher.poke()  # returns at once: the prefetch thread reads inbox/ and downloads
 
     def load_job(self, path: Path) -> dict[str, Any] | None:
         try:
@@ -243,6 +249,7 @@ class Runner:
             return
         del self.inflight[inf.prompt_id]
         self.promote_head()
+        self.wake.set()
         with contextlib.suppress(ComfyUnavailable):
             await self.client.forget_history([inf.prompt_id])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mimetypes
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ from selfix.storage import ObjectStore, StorageError, open_store
 
 IDLE_POLL_S = 0.1
 PRUNE_EVERY_S = 600.0
+UPLOAD_THREADS = 4
 
 
 class Publisher(Protocol):
@@ -109,12 +111,23 @@ class Uploader:
         log.info("published: {} ({} image(s))", result.get("status"), len(result.get("imagePaths") or []))
 
     def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
+        """Every image of the result, a few at a time; any failure raises (after the others finished)."""
         folder = self.spool.outbox_dir(task_id)
-        for key in result.get("imagePaths") or []:
+        keys = list(result.get("imagePaths") or [])
+
+        def put(key: str) -> None:
             path = folder / Path(key).name
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             self.store.put_file(key, path, content_type)
             crashpoint(self.settings, self.spool, "uploader.mid_upload")
+
+        if len(keys) <= 1:
+            for key in keys:
+                put(key)
+            return
+        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(keys)), thread_name_prefix="upload") as pool:
+            for future in [pool.submit(put, key) for key in keys]:
+                future.result()
 
     def postpone(self, task_id: str, exc: Exception) -> None:
         count = self.failures.get(task_id, 0) + 1

@@ -175,3 +175,59 @@ def test_malformed_job_files_get_specific_errors_and_others_complete(make_node: 
     assert all(reason for _, reason in corrupt), corrupt
     assert {n.split(".", 2)[2] for n, _ in corrupt} == {n for n, _, c in MALFORMED if c == "corrupt"}
     assert all(info["statename"] == "RUNNING" for info in node.info().values())
+
+
+def _png_data_url(color: tuple[int, int, int] = (200, 10, 10)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _load_and_save(task_id: str, image_ref: str) -> dict[str, Any]:
+    return {"taskId": task_id, "userId": "u1", "images": {"pose.png": image_ref}, "workflow": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "pose.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "in"}}}}
+
+
+def test_deadline_interrupts_and_fails_with_timeout_then_next_job_runs(make_node: Any) -> None:
+    node: Node = make_node(seconds_per_step=0.05, env={"JOB_TIMEOUT_S": "1"}).start()
+    node.drop("slow.json", task("slow", steps=200))
+    node.drop("quick.json", task("quick", steps=2))
+    results = node.wait_results({"slow", "quick"}, timeout=60)
+    assert results["slow"]["status"] == "failed" and results["slow"]["error"]["code"] == "timeout", results["slow"]
+    assert "KSampler" in results["slow"]["error"]["message"]
+    assert_images(node, results["quick"])
+    assert_clean_spool(node)
+
+
+def test_input_images_are_bound_and_bad_ones_refused(make_node: Any) -> None:
+    node: Node = make_node(seconds_per_step=0.01).start()
+    node.drop("img-ok.json", _load_and_save("img-ok", _png_data_url()))
+    not_png = "data:image/png;base64," + __import__("base64").b64encode(b"definitely not a png").decode()
+    node.drop("img-bad.json", _load_and_save("img-bad", not_png))
+    results = node.wait_results({"img-ok", "img-bad"}, timeout=60)
+    assert_images(node, results["img-ok"])
+    assert results["img-bad"]["error"]["code"] == "input_forbidden", results["img-bad"]
+    assert not list((Path(node.env["COMFY_INPUT_DIR"]) / "selfix").glob("*")), "input files not cleaned up"
+    assert_clean_spool(node)
+
+
+def test_execution_error_names_node_type_and_exception(make_node: Any) -> None:
+    node: Node = make_node(seconds_per_step=0.01)
+    (Path(node.env["MODELS_DIR"]) / "checkpoints" / "junk.safetensors").write_bytes(b"\xff" * 64)
+    node.start()
+    broken = task("broken")
+    broken["workflow"]["4"]["inputs"]["ckpt_name"] = "junk.safetensors"
+    node.drop("broken.json", broken)
+    node.drop("fine.json", task("fine"))
+    results = node.wait_results({"broken", "fine"}, timeout=60)
+    error = results["broken"]["error"]
+    assert error["code"] == "execution_error" and error["retriable"] is False, error
+    assert "node 4 (CheckpointLoaderSimple)" in error["message"], error
+    assert_images(node, results["fine"])
+    assert_clean_spool(node)

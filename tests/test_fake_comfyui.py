@@ -36,7 +36,8 @@ from PIL import Image
 pytestmark = pytest.mark.comfy_double
 
 REPO = Path(__file__).resolve().parents[1]
-CAPTURE_DIRS = [REPO / "tests" / "data" / "comfyui-captures", Path("/work/shared/reference/comfyui-captures")]
+# CI lays shared/ beside the clone, as on developer machines.
+CAPTURE_DIRS = [REPO / "tests" / "data" / "comfyui-captures", REPO.parent / "shared" / "reference" / "comfyui-captures"]
 CAPTURES = next((d for d in CAPTURE_DIRS if d.is_dir()), None)
 SECONDS_PER_STEP = 0.05
 NO_JSON = object()

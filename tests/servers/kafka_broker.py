@@ -305,6 +305,8 @@ class KafkaBroker:
             "share.coordinator.state.topic.min.isr": "1",
             # Tests join groups constantly: no 3 s wait for more members before the first rebalance.
             "group.initial.rebalance.delay.ms": "0",
+            # Tests lose nodes on purpose and wait for the group to notice: allow session timeouts down to 1 s.
+            "group.min.session.timeout.ms": "1000",
             # After kill() the restarted node must wait out its own old session before it may re-register
             # (DUPLICATE_BROKER_REGISTRATION): 9 s by default, 2 s here.
             "broker.session.timeout.ms": "2000",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,6 +120,21 @@ class MinioServer:
     def make_bucket(self, name: str) -> None:
         self.client().make_bucket(name)
 
+    def requests(self) -> dict[str, int]:
+        """S3 requests this server has answered since it started, by API (`GetObject`, `HeadObject`, ...).
+
+        Counts are server-wide: take the difference of two snapshots around the code under test.
+        """
+        url = f"http://{self.endpoint}/minio/metrics/v3/api/requests"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = resp.read().decode()
+        counts: dict[str, int] = {}
+        for line in body.splitlines():
+            match = _REQUESTS_RE.match(line)
+            if match:
+                counts[match["api"]] = counts.get(match["api"], 0) + int(float(match["n"]))
+        return counts
+
     # -- lifecycle
 
     def start(self, timeout: float = 60.0) -> None:
@@ -184,6 +200,7 @@ class MinioServer:
             "MINIO_REGION": REGION,
             "MINIO_UPDATE": "off",  # never phone home for updates
             "MINIO_CI_CD": "1",  # tolerate a drive on the root disk, as temp dirs are
+            "MINIO_PROMETHEUS_AUTH_TYPE": "public",  # requests() reads the request counters without a token
         }
         cmd = [str(binary), "server", str(self.data_dir), "--address", self.endpoint,
                "--console-address", f"127.0.0.1:{self.console_port}",
@@ -210,6 +227,9 @@ class MinioServer:
 
     def __repr__(self) -> str:
         return f"MinioServer({self.endpoint}, dir={self.base_dir}, running={self.running})"
+
+
+_REQUESTS_RE = re.compile(r'^minio_api_requests_total\{.*?name="(?P<api>[^"]+)".*?type="s3".*\}\s+(?P<n>[0-9.e+]+)$')
 
 
 def _http_ok(url: str) -> bool:

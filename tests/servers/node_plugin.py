@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ def write_safetensors(path: Path, payload: bytes = b"\0" * 64, meta: dict[str, A
     return path
 
 
-def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", batch: int = 1) -> dict[str, Any]:
+def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", batch: int = 1,
+                 seed: int = 1) -> dict[str, Any]:
     """checkpoint → (LoRA) → text → KSampler(steps) → VAE → SaveImage: the double spends steps × seconds-per-step."""
     model, clip = ["4", 0], ["4", 1]
     wf: dict[str, Any] = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}}}
@@ -68,7 +70,7 @@ def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", b
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "blurry"}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
         "3": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["6", 0], "negative": ["7", 0],
-                                                   "latent_image": ["5", 0], "seed": 1, "steps": steps, "cfg": 7.0,
+                                                   "latent_image": ["5", 0], "seed": seed, "steps": steps, "cfg": 7.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
@@ -79,7 +81,8 @@ def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", b
 def task(task_id: str, *, user: str = "u1", priority: int = 0, steps: int = 2, lora: str | None = None,
          batch: int = 1, **extra: Any) -> dict[str, Any]:
     msg: dict[str, Any] = {"taskId": task_id, "userId": user, "priority": priority,
-                           "workflow": t2i_workflow(steps, lora=lora and lora.rsplit("/", 1)[-1], batch=batch)}
+                           "workflow": t2i_workflow(steps, lora=lora and lora.rsplit("/", 1)[-1], batch=batch,
+                                                    seed=zlib.crc32(task_id.encode()))}
     if lora:
         msg["loraModel"] = lora
     msg.update(extra)
