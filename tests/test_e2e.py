@@ -231,3 +231,23 @@ def test_execution_error_names_node_type_and_exception(make_node: Any) -> None:
     assert "node 4 (CheckpointLoaderSimple)" in error["message"], error
     assert_images(node, results["fine"])
     assert_clean_spool(node)
+
+
+def test_sigterm_drains_the_runner_hands_back_queued_jobs_and_loses_nothing(make_node: Any) -> None:
+    node: Node = make_node(seconds_per_step=0.05).start()
+    ids = [f"drain-{i}" for i in range(3)]
+    for task_id in ids:
+        node.drop(f"{task_id}.json", task(task_id, steps=30))
+    wait_until(lambda: len(node.spool.processing_files()) == 2 and any(
+        json.loads(p.read_bytes()).get("startedAt") for p in node.spool.processing_files()), 30,
+        "one job running and one queued ahead in ComfyUI")
+    node.rpc().supervisor.stopProcess("runner")  # SIGTERM; returns once the runner has exited
+    assert node.spool.processing_files() == [], "drained runner left claimed jobs behind"
+    assert len(node.spool.inbox_entries()) == 2, "the queued-ahead job was not handed back"
+    assert len(node.results()) + len(node.spool.outbox_tasks()) == 1, "the running job did not finish"
+    node.rpc().supervisor.startProcess("runner")
+    results = node.wait_results(set(ids), timeout=60)
+    assert all(r["status"] == "completed" and r["metadata"]["attempts"] == 1 for r in results.values())
+    executions = node.executions()
+    assert len(executions) == len(set(executions)) == 3, f"a prompt ran twice: {executions}"
+    assert_clean_spool(node)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from loguru import logger
 
 from selfix.storage import (
+    ChecksumMismatch,
     InvalidKey,
     ObjectForbidden,
     ObjectInfo,
     ObjectNotFound,
+    ObjectTooLarge,
     RetryPolicy,
     S3Store,
     StorageError,
@@ -232,3 +235,67 @@ def test_check_s3_unreachable(s3_private_bucket: S3Bucket) -> None:
     result = check_s3(settings, timeout=2.0)
     assert time.monotonic() - started < 3
     assert _lines(result) == {"s3 endpoint": False, "s3 credentials": False, "s3 bucket": False}, result
+
+
+class _Corrupting:
+    """A GET body with one byte flipped (headers untouched), for the first `times` GETs."""
+
+    def __init__(self, store: S3Store, times: int) -> None:
+        self.real = store._get
+        self.left = times
+        self.gets = 0
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[Any]:
+        self.gets += 1
+        corrupt = self.left > 0
+        self.left -= 1
+        with self.real(key) as response:
+            if not corrupt:
+                yield response
+                return
+
+            class Flipped:
+                headers = response.headers
+
+                def stream(self, amt: int) -> Iterator[bytes]:
+                    for i, chunk in enumerate(response.stream(amt)):
+                        yield bytes([chunk[0] ^ 0xFF]) + chunk[1:] if i == 0 else chunk
+
+            yield Flipped()
+
+
+def test_md5_mismatch_is_retried_and_a_persistent_one_is_a_permanent_error(
+        s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    store = S3Store(s3_bucket.settings(), retry=RetryPolicy(attempts=5, deadline_s=10, base_s=0.01, cap_s=0.02))
+    store.put_file("users/u1/a.png", _file(tmp_path, data), "image/png")
+
+    once = _Corrupting(store, times=1)
+    store._get = once  # type: ignore[method-assign]
+    info = store.get_to_file("users/u1/a.png", tmp_path / "a.part")
+    assert once.gets == 2 and info.md5 == info.etag == hashlib.md5(data).hexdigest()
+    assert (tmp_path / "a.part").read_bytes() == data
+
+    always = _Corrupting(store, times=100)
+    store._get = always  # type: ignore[method-assign]
+    with pytest.raises(ChecksumMismatch) as err:
+        store.get_to_file("users/u1/a.png", tmp_path / "b.part")
+    assert always.gets == 3 and not err.value.retriable and err.value.kind == "corrupt"
+    assert not (tmp_path / "b.part").exists()
+
+
+def test_multipart_object_is_size_checked_only(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket.settings(), part_size=5 * 1024 * 1024)
+    store.put_file("users/u1/big.bin", _file(tmp_path, os.urandom(11 * 1024 * 1024)), "application/octet-stream")
+    info = store.get_to_file("users/u1/big.bin", tmp_path / "big.part")
+    assert info.multipart and info.md5 is None
+
+
+def test_object_over_max_bytes_is_refused_before_its_body(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket.settings())
+    store.put_file("users/u1/a.png", _file(tmp_path, os.urandom(5000)), "image/png")
+    with pytest.raises(ObjectTooLarge) as err:
+        store.get_to_file("users/u1/a.png", tmp_path / "a.part", max_bytes=4999)
+    assert not err.value.retriable and not (tmp_path / "a.part").exists()
+    assert store.get_to_file("users/u1/a.png", tmp_path / "a.part", max_bytes=5000).size == 5000

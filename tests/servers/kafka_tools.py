@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from selfix.process import StopFlags
 from selfix.settings import Settings, load
@@ -71,7 +71,9 @@ def read_topic(broker: KafkaBroker, topic: str, *, min_count: int = 0, timeout: 
     without a new one (so a duplicate that would follow is seen too)."""
     consumer = Consumer(broker.client_config(**{"group.id": f"reader-{uuid.uuid4().hex[:8]}",
                                                 "auto.offset.reset": "earliest", "enable.auto.commit": False}))
-    consumer.subscribe([topic])
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    # assign(), not subscribe(): no group join, so reading starts at once.
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
     got: list[Record] = []
     deadline = time.monotonic() + timeout
     last_new = time.monotonic()
@@ -201,3 +203,22 @@ class IntakeThread:
         if self.error is not None:
             raise self.error
         return self.code
+
+
+def total_queue(enqueued: Iterable[str], records: list[Record]) -> dict[str, Any]:
+    """Jepsen's total-queue checker over the output topic: every enqueued taskId must come out with a completed
+    result (lost = those that did not), nothing may come out that was not put in (unexpected), and re-deliveries
+    are counted (duplicated: taskIds with more than one result message; at-least-once allows them)."""
+    wanted = set(enqueued)
+    results = results_of(records)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["taskId"]] = counts.get(r["taskId"], 0) + 1
+    completed = {r["taskId"] for r in results if r.get("status") == "completed"}
+    return {
+        "enqueued": len(wanted), "result_messages": len(results), "ok": len(wanted & completed),
+        "lost": sorted(wanted - completed), "unexpected": sorted(set(counts) - wanted),
+        "duplicated": {t: n for t, n in sorted(counts.items()) if n > 1},
+        "failed": sorted({r["taskId"] for r in results if r.get("status") != "completed"}),
+        "events": len(records) - len(results),
+    }

@@ -1,0 +1,98 @@
+"""The `selfix` command line and process start-up, as a person or supervisord runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfix.cli import comfy_argv, extra_model_paths
+from selfix.settings import SettingsError, load
+from tests.servers.node_plugin import task
+
+
+def run(args: list[str], env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "selfix", *args], env={**os.environ, **env}, input=stdin and
+                          stdin.decode(), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"SPOOL_DIR": str(tmp_path / "spool"), "STORE_DIR": str(tmp_path / "store"),
+            "COMFY_PORT": "1", "LORA_CACHE_DIR": str(tmp_path / "loras")}
+
+
+@pytest.mark.parametrize("program", ["consumer", "runner", "uploader", "watchdog"])
+def test_a_bad_setting_stops_each_process_with_exit_78_naming_the_variable(program: str, env: dict[str, str]) -> None:
+    out = run([program], {**env, "MAX_ATTEMPTS": "zero", "S3_SECRET_KEY": "hunter2-secret"})
+    assert out.returncode == 78, out
+    assert "MAX_ATTEMPTS" in out.stderr and "hunter2-secret" not in out.stderr + out.stdout
+
+
+def test_submit_prints_task_ids_and_specific_rejections(env: dict[str, str], tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(task("t-good")))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**task("t-bad"), "loraModel": "users/other/x.safetensors"}))
+    junk = tmp_path / "junk.json"
+    junk.write_text("{nope")
+    out = run(["submit", str(good), str(bad), str(junk)], env)
+    assert out.returncode == 2
+    lines = out.stdout.splitlines()
+    assert lines[0] == "t-good"
+    assert lines[1].startswith("t-bad: rejected: lora_forbidden")
+    assert "no usable taskId" in lines[2] and "corrupt" in lines[2]
+    again = run(["submit", "-"], env, stdin=good.read_bytes())
+    assert again.returncode == 0 and "duplicate" in again.stdout
+
+
+def test_status_json_counts_every_state(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(task("a")))
+    run(["submit", str(tmp_path / "a.json")], env)
+    snap = json.loads(run(["status", "--json"], env).stdout)
+    assert snap["counts"]["inbox"] == 1 and snap["counts"]["done"] == 0
+
+
+def test_doctor_reports_each_check_and_fails_without_comfyui(env: dict[str, str]) -> None:
+    out = run(["doctor"], {**env, "S3_SECRET_KEY": "hunter2-secret", "COMFY_COMMAND": "true"})
+    assert out.returncode == 1
+    assert "ok   spool" in out.stdout and "FAIL comfyui:" in out.stdout
+    assert "S3_SECRET_KEY=***" in out.stdout and "hunter2-secret" not in out.stdout
+
+
+def test_comfy_command_placeholders_and_missing_comfyui_dir_message(tmp_path: Path) -> None:
+    settings = load({"COMFY_COMMAND": "fake --port {port} --out {output_dir}", "COMFY_PORT": "9999",
+                     "COMFY_OUTPUT_DIR": str(tmp_path / "o")})
+    assert comfy_argv(settings) == ["fake", "--port", "9999", "--out", str(tmp_path / "o")]
+    with pytest.raises(SettingsError, match="COMFYUI_DIR"):
+        comfy_argv(load({}))
+    with pytest.raises(SettingsError, match="no main.py"):
+        comfy_argv(load({"COMFYUI_DIR": str(tmp_path)}))
+    (tmp_path / "main.py").touch()
+    argv = comfy_argv(load({"COMFYUI_DIR": str(tmp_path), "COMFY_ARGS": "--cpu --lowvram"}))
+    assert argv[1] == str(tmp_path / "main.py") and argv[-2:] == ["--cpu", "--lowvram"]
+    assert ["--listen", "127.0.0.1"] == argv[2:4]
+
+
+def test_extra_model_paths_lists_base_models_and_lora_cache(tmp_path: Path) -> None:
+    import yaml
+
+    text = extra_model_paths(load({"MODELS_DIR": str(tmp_path / "m"), "LORA_CACHE_DIR": str(tmp_path / "l")}))
+    parsed: dict[str, Any] = yaml.safe_load(text)
+    assert parsed["selfix_models"]["base_path"] == str(tmp_path / "m")
+    assert parsed["selfix_models"]["checkpoints"] == "checkpoints/"
+    assert parsed["selfix_lora_cache"]["loras"] == str(tmp_path / "l")
+
+
+def test_json_logs_carry_task_id(tmp_path: Path) -> None:
+    code = ("from loguru import logger; from selfix import log; from selfix.settings import load;"
+            "log.setup('runner', load({'LOG_FORMAT': 'json'})); logger.bind(task_id='t-9').info('hello')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    record = json.loads(out.stdout.strip().splitlines()[-1])["record"]
+    assert record["extra"]["task_id"] == "t-9" and record["extra"]["process"] == "runner"
+    assert record["message"] == "hello"
