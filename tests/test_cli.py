@@ -76,7 +76,7 @@ def test_comfy_command_placeholders_and_missing_comfyui_dir_message(tmp_path: Pa
     (tmp_path / "main.py").touch()
     argv = comfy_argv(load({"COMFYUI_DIR": str(tmp_path), "COMFY_ARGS": "--cpu --lowvram"}))
     assert argv[1] == str(tmp_path / "main.py") and argv[-2:] == ["--cpu", "--lowvram"]
-    assert ["--listen", "127.0.0.1"] == argv[2:4]
+    assert argv[2:4] == ["--listen", "127.0.0.1"]
 
 
 def test_extra_model_paths_lists_base_models_and_lora_cache(tmp_path: Path) -> None:
