@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -151,23 +152,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # --- status --------------------------------------------------------------------------------------------
 
 def status_snapshot(settings: Settings) -> dict[str, Any]:
+    """What `selfix status` shows, as JSON: spool counts, running jobs with progress, programs, ComfyUI and GPU
+    (from the watchdog's run/watchdog.json), heartbeats, recent failures and watchdog actions."""
+    from selfix.supervisor import Supervisor, SupervisorError
+
     spool = Spool(settings.spool_dir)
+    now = time.time()
     running = []
     for path in spool.processing_files():
         try:
             job = json.loads(path.read_bytes())
         except (ValueError, OSError):
             continue
+        started = job.get("startedAt")
         running.append({"taskId": job.get("taskId"), "state": job.get("state"), "attempt": job.get("attempt"),
-                        "progress": job.get("progress"), "startedAt": job.get("startedAt")})
+                        "progress": job.get("progress"), "startedAt": started,
+                        "elapsedS": round(now - started, 1) if isinstance(started, int | float) else None})
     failures = []
-    for name in sorted(os.listdir(spool.done), key=lambda n: -(spool.done / n).stat().st_mtime)[:200] \
-            if spool.done.exists() else []:
+    names = os.listdir(spool.done) if spool.done.exists() else []
+    mtimes = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            mtimes[name] = (spool.done / name).stat().st_mtime
+    for name in sorted(mtimes, key=lambda n: -mtimes[n])[:200]:
         result = spool.read_done(name[:-5]) if name.endswith(".json") else None
         if result and result.get("status") == "failed":
-            failures.append({"taskId": result["taskId"], "code": result.get("error", {}).get("code")})
+            error = result.get("error") or {}
+            failures.append({"taskId": result["taskId"], "code": error.get("code"),
+                             "message": str(error.get("message", ""))[:200], "ageS": round(now - mtimes[name])})
     heartbeats = {p: spool.heartbeat_age(p) for p in PROCESSES}
-    return {"counts": spool.counts(), "running": running, "recentFailures": failures[:5],
+    try:
+        programs: dict[str, str] | None = {
+            n: p.state for n, p in Supervisor(settings.supervisor_rpc_url, timeout=2).programs().items()}
+    except SupervisorError:
+        programs = None
+    watchdog: dict[str, Any] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        watchdog = json.loads((spool.run / "watchdog.json").read_bytes())
+        watchdog["ageS"] = round(now - float(watchdog.get("at", 0)), 1)
+    return {"counts": spool.counts(), "running": running, "recentFailures": failures[:5], "programs": programs,
+            "watchdog": watchdog,
             "heartbeatAgeS": {k: (round(v, 1) if v is not None else None) for k, v in heartbeats.items()}}
 
 
@@ -175,30 +199,110 @@ def _bar(progress: dict[str, Any] | None, width: int = 30) -> str:
     if not progress or not progress.get("max"):
         return ""
     frac = min(1.0, float(progress.get("value") or 0) / float(progress["max"]))
-    return f"[{'#' * int(frac * width):<{width}}] {progress.get('value')}/{progress.get('max')}"
+    return f"[{'#' * int(frac * width):<{width}}] {progress.get('value')}/{progress.get('max')} {frac:4.0%}"
+
+
+def _gib(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+
+
+def _watchdog_lines(wd: dict[str, Any] | None) -> list[str]:
+    if wd is None:
+        return ["watchdog: no report yet (run/watchdog.json missing)"]
+    stale = wd["ageS"] > max(3 * float(wd.get("intervalS", 5)), 15)
+    comfy = wd.get("comfyui") or {}
+    up = "up" if comfy.get("up") else "NOT ANSWERING"
+    lines = [f"comfyui: {up}  pid {comfy.get('pid') or '-'}  rss {_gib(comfy.get('rssBytes'))}  "
+             f"queue {comfy.get('running', 0)} running {comfy.get('pending', 0)} pending  "
+             f"ready {'yes' if wd.get('ready') else 'NO'}"
+             + (f"  (watchdog silent {wd['ageS']:.0f}s)" if stale else "")]
+    gpus = wd.get("gpus") or []
+    if not gpus:
+        lines.append(f"gpu: none seen ({wd.get('mode', 'cpu')} mode)")
+    for g in gpus:
+        total = g.get("memory_total") or 0
+        frac = (g.get("memory_used") or 0) / total if total else 0.0
+        bar = "#" * int(frac * 20)
+        extra = []
+        if g.get("utilization") is not None:
+            extra.append(f"util {g['utilization']:.0%}")
+        if g.get("temperature_c") is not None:
+            extra.append(f"{g['temperature_c']:.0f}C")
+        if g.get("power_w") is not None:
+            extra.append(f"{g['power_w']:.0f} W")
+        if g.get("xid_errors"):
+            extra.append(f"XID x{g['xid_errors']} (last {g.get('last_xid')})")
+        if g.get("ecc_uncorrected"):
+            extra.append(f"ECC uncorrected {g['ecc_uncorrected']}")
+        lines.append(f"gpu {g.get('index')} {g.get('name', '')}: [{bar:<20}] {_gib(g.get('memory_used'))} / "
+                     f"{_gib(total)} ({frac:.0%}) {' '.join(extra)}  [{g.get('source')}]")
+    restarts = {**(wd.get("comfyRestarts") or {})}
+    if restarts or wd.get("frees"):
+        lines.append("comfyui restarts: " + (", ".join(f"{k} {v}" for k, v in restarts.items()) or "0")
+                     + "  frees: " + (", ".join(f"{k} {v}" for k, v in (wd.get("frees") or {}).items()) or "0"))
+    for message in wd.get("waiting") or []:
+        lines.append(f"pending: {message}")
+    now = time.time()
+    for ev in (wd.get("events") or [])[:5]:
+        lines.append(f"  {_ago(now - float(ev.get('at', now)))} ago: {ev.get('kind')} {ev.get('program')} "
+                     f"({ev.get('reason')}) {ev.get('detail', '')}".rstrip())
+    return lines
 
 
 def render_status(snap: dict[str, Any]) -> str:
     counts = snap["counts"]
-    lines = ["spool: " + "  ".join(f"{k} {v}" for k, v in counts.items())]
+    programs = snap.get("programs")
+    lines = []
+    if programs is None:
+        lines.append("programs: supervisord not reachable")
+    else:
+        lines.append("programs: " + "  ".join(f"{k} {v}" for k, v in sorted(programs.items())))
+    lines.extend(_watchdog_lines(snap.get("watchdog")))
+    lines.append("spool: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     for job in snap["running"]:
-        lines.append(f"  {job['state']:<10} {job['taskId']} attempt {job['attempt']} {_bar(job['progress'])}")
+        elapsed = f" {_ago(job.get('elapsedS'))}" if job.get("elapsedS") is not None else ""
+        node = (job.get("progress") or {}).get("node")
+        where = f" node {node}" if node else ""
+        lines.append(f"  {job['state'] or '-':<10} {job['taskId']} attempt {job['attempt']}{elapsed} "
+                     f"{_bar(job['progress'])}{where}".rstrip())
     beats = "  ".join(f"{k} {'-' if v is None else f'{v:.0f}s'}" for k, v in snap["heartbeatAgeS"].items())
     lines.append(f"heartbeats: {beats}")
+    if snap["recentFailures"]:
+        lines.append("recent failures:")
     for fail in snap["recentFailures"]:
-        lines.append(f"  failed {fail['taskId']}: {fail['code']}")
+        age = f" {_ago(fail.get('ageS'))} ago" if fail.get("ageS") is not None else ""
+        message = f": {fail['message']}" if fail.get("message") else ""
+        lines.append(f"  {fail['taskId']}: {fail['code']}{age}{message}")
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
+    try:
+        return _status_loop(settings, args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_loop(settings: Settings, args: argparse.Namespace) -> int:
     while True:
         snap = status_snapshot(settings)
         if args.json:
-            print(json.dumps(snap))
+            print(json.dumps(snap), flush=True)
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")
+                print(time.strftime("selfix status  %H:%M:%S  (Ctrl-C to leave)"))
             print(render_status(snap), flush=True)
         if not args.watch:
             return 0

@@ -81,6 +81,7 @@ class KafkaIntake:
         self.paused = False
         self.held = 0
         self.fatal: KafkaError | None = None
+        self.errors: list[KafkaError] = []
         self.throttle = k.Throttle()
         self.last_tick = self.last_adopt = self.last_commit = 0.0
         self.counts = {"accepted": 0, "duplicate": 0, "failed": 0, "unaddressable": 0}
@@ -108,6 +109,7 @@ class KafkaIntake:
                     break
                 # Paused partitions deliver nothing, but polling goes on: heartbeats, rebalances, callbacks.
                 msg = self.consumer.poll(0 if self.due() else TICK_S)
+                self.drain_errors()
                 if msg is not None:  # every message returned must be tracked, or the watermark would skip it
                     self.handle(msg)
                 if self.due():
@@ -364,10 +366,18 @@ class KafkaIntake:
 
     # --- errors and shutdown ---------------------------------------------------------------------------
     def on_error(self, err: KafkaError) -> None:
-        if k.is_permanent(err) or err.fatal():
-            self.fatal = err
-            return
-        self.report(err, "kafka")
+        self.errors.append(err)
+
+    def drain_errors(self) -> None:
+        """After each poll: a permanent error ends the process; it wins over the "all brokers down" that librdkafka
+        reports alongside it, which would only mislead the operator."""
+        errors, self.errors = self.errors, []
+        fatal = next((e for e in errors if k.is_permanent(e) or e.fatal()), None)
+        if fatal is not None:
+            self.fatal = fatal
+        else:
+            for err in errors:
+                self.report(err, "kafka")
 
     def report(self, err: object, what: str) -> None:
         inner = err.args[0] if isinstance(err, KafkaException) and err.args else err

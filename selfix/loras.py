@@ -51,6 +51,7 @@ from selfix.storage import (
     ObjectStore,
     ObjectTooLarge,
     StorageError,
+    StorageUnavailable,
     validate_key,
 )
 
@@ -62,6 +63,7 @@ PART = ".part"
 SUFFIX = ".safetensors"
 PREFETCH_DEPTH = 2
 PREFETCH_RETRY_S = 5.0
+STORE_DOWN_S = 5.0  # after a failed HEAD, cached copies are used without asking the store for this long
 
 
 class CacheFull(StorageError):
@@ -241,6 +243,7 @@ class LoraCache:
         self._pins_lock = threading.Lock()
         self.state = self.root / STATE
         self._made = False
+        self._store_down_until = 0.0  # monotonic
 
     def _make_dirs(self) -> None:
         if not self._made:  # at first use, not in __init__: constructing a cache touches no disk
@@ -342,6 +345,15 @@ class LoraCache:
             logger.debug("prefetch of {} skipped: {}", key, exc)
             return False
 
+    def remove(self, key: str) -> bool:
+        """Drop the cached copy of `key` (for operators and benchmarks); False when there was none."""
+        self._make_dirs()
+        with _Lock.take(self._lock_path(key), exclusive=True):
+            present = self.path_of(key).exists()
+            self.path_of(key).unlink(missing_ok=True)
+            self._meta_path(key).unlink(missing_ok=True)
+        return present
+
     # --- internals -------------------------------------------------------------------------------------
     def _read_meta(self, key: str) -> Meta | None:
         try:
@@ -387,10 +399,13 @@ class LoraCache:
         meta = self._cached(key)
         size: int | None = None
         if meta is not None:
+            if time.monotonic() < self._store_down_until:
+                return self._used(key)  # the store failed a moment ago: the copy it last confirmed will do
             try:
-                info = self.store.stat(key)
+                info = self.store.stat(key, retry=False)  # one try: there is a good fallback
             except StorageError as exc:
                 if exc.retriable:
+                    self._store_down_until = time.monotonic() + STORE_DOWN_S
                     logger.warning("LoRA {}: store unreachable ({}); using the cached copy", key, exc)
                     return self._used(key)
                 raise _task_error(key, exc) from None
@@ -406,24 +421,30 @@ class LoraCache:
         target, part = self.path_of(key), self._part_path(key)
         for _ in range(3):
             if size is None:
+                if time.monotonic() < self._store_down_until:
+                    raise StorageUnavailable(f"loraModel {key!r}: the store failed less than {STORE_DOWN_S:g}s ago",
+                                             key=key)
                 try:
                     size = self.store.stat(key).size
                 except StorageError as exc:
                     if exc.retriable:
+                        self._store_down_until = time.monotonic() + STORE_DOWN_S
                         raise
                     raise _task_error(key, exc) from None
             if size > self.max_bytes:
                 raise TaskError(LORA_TOO_LARGE, f"loraModel {key!r} is {size} bytes, larger than the whole LoRA "
                                                 f"cache (LORA_CACHE_MAX_GB={self.max_bytes / GB:g})")
+            self._place_for(key)
             self._reserve(key, size, lock, keep)
             started = time.monotonic()
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
                 info = self.store.get_to_file(key, part, max_bytes=size)
                 check_safetensors(part)
                 with self.exclusive():  # the file starts counting as the reservation stops: never both
-                    self._write_meta(Meta(key, info.etag, info.size, time.time()))
+                    # Meta after the rename: a crash between leaves a file without meta (fetched again on its next
+                    # use), never a meta that vouches for bytes it did not check.
                     os.replace(part, target)
+                    self._write_meta(Meta(key, info.etag, info.size, time.time()))
                     lock.write("")
                 _fsync_dir(target.parent)
             except ObjectTooLarge:
@@ -433,14 +454,30 @@ class LoraCache:
                 if exc.retriable:
                     raise
                 raise _task_error(key, exc) from None
+            except OSError as exc:  # the local disk (full, read-only, failing): the job waits, the runner lives
+                raise CacheFull(f"cannot write loraModel {key!r} into the cache: {exc}", key=key) from exc
             finally:
-                part.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    part.unlink(missing_ok=True)
                 lock.write("")
             took = time.monotonic() - started
             logger.info("LoRA {} fetched: {} bytes in {:.2f}s ({:.0f} MB/s)", key, info.size, took,
                         info.size / max(took, 1e-6) / 1e6)
             return
-        raise StorageError(f"loraModel {key!r} keeps changing size while being fetched", key=key)
+        raise StorageUnavailable(f"loraModel {key!r} keeps changing size while being fetched", key=key)
+
+    def _place_for(self, key: str) -> None:
+        """The target's directory exists; a key whose path collides with another cached key's is refused (S3 has
+        `a.safetensors` and `a.safetensors/b.safetensors` side by side, a filesystem cannot)."""
+        target = self.path_of(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r} collides with another cached LoRA's path") from None
+        except OSError as exc:
+            raise CacheFull(f"cannot create the cache folder for {key!r}: {exc}", key=key) from exc
+        if target.is_dir():
+            raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r} collides with a folder of other cached LoRAs")
 
     def _reserve(self, key: str, size: int, lock: _Lock, keep: frozenset[str]) -> None:
         """Under the cache lock: evict LRU files (not `keep`) until `size` more bytes fit the budget and the disk
@@ -617,9 +654,9 @@ class Prefetcher:
             except Exception:  # noqa: BLE001 - prefetching is an optimisation; never let it die
                 logger.exception("LoRA prefetch failed")
 
-    def upcoming(self) -> list[tuple[str, str | None]]:
+    def upcoming(self) -> list[tuple[str, str]]:
         """(key, userId) of the LoRAs of the next `depth` jobs in inbox/, in run order."""
-        wanted: list[tuple[str, str | None]] = []
+        wanted: list[tuple[str, str]] = []
         for entry in self.spool.inbox_entries()[: self.depth]:
             raw = self.spool.read_inbox(entry)
             try:
@@ -628,7 +665,9 @@ class Prefetcher:
                 continue
             if not isinstance(job, dict):
                 continue
-            user = job.get("userId") if isinstance(job.get("userId"), str) else None
+            user = job.get("userId")
+            if not isinstance(user, str):
+                continue  # not a job the runner would run: nothing to fetch for it
             for key in job.get("loraModels") or []:
                 if isinstance(key, str) and (key, user) not in wanted:
                     wanted.append((key, user))

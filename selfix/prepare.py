@@ -25,7 +25,7 @@ from selfix.messages import (
     check_user_key,
     decode_data_url,
 )
-from selfix.storage import ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError
+from selfix.storage import ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError, StorageUnavailable
 from selfix.workflow import patch, task_subfolder
 
 # What LoadImage may be given: PNG, JPEG, WebP, by their first bytes (the name's extension proves nothing).
@@ -115,7 +115,10 @@ def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_inp
     """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError."""
     bound_loras = ensure_loras(job, loras)
     limits = dataclasses.replace(loras.limits, max_data_url_bytes=max_data_url_bytes)
-    bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes, limits)
+    try:
+        bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes, limits)
+    except OSError as exc:  # ComfyUI's input dir unwritable or full: the job waits, the runner lives
+        raise StorageUnavailable(f"cannot write input images into {comfy_input_dir}: {exc}") from exc
     return patch(job["workflow"], job["taskId"], bound_loras, bound_images)
 
 

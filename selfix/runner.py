@@ -20,6 +20,7 @@ import aiohttp
 from loguru import logger
 
 from selfix import messages as m
+from selfix import stats
 from selfix.backoff import compute_backoff
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, prompt_id_for
 from selfix.faults import crashpoint
@@ -326,6 +327,7 @@ class Runner:
         for key in ("promptId", "startedAt", "progress"):
             job.pop(key, None)
         self.spool.requeue(job)
+        stats.incr("job_retries", code=error.code)  # watchdog metric selfix_job_retries_total
         inf.log().warning("retry {} in {:.1f}s after {}: {}", attempt + 1, delay, error.code, error.message)
 
     def defer(self, inf: Inflight, reason: str) -> None:
@@ -435,6 +437,7 @@ def _history_times(entry: dict[str, Any] | None) -> tuple[float, float] | None:
 
 async def amain(settings: Settings) -> int:
     spool = Spool(settings.spool_dir).ensure()
+    stats.configure(spool, "runner")  # counters (LoRA cache, retries) persist in run/stats.runner.json
     flags = StopFlags().install()
     connector = aiohttp.TCPConnector(limit=16)
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -228,6 +228,9 @@ SPECS: tuple[Spec, ...] = (
       "A selfix process whose heartbeat is older is restarted.", group="watchdog"),
     S("RESTART_MIN_INTERVAL_S", "restart_min_interval_s", "120", _non_negative_float,
       "Least time between two watchdog restarts of one program.", group="watchdog"),
+    S("RESTART_GRACE_S", "restart_grace_s", "30", _non_negative_float,
+      "A ComfyUI restart due while a job runs (hard mark, RSS) waits this long for it, then hands it back for retry.",
+      group="watchdog"),
     S("SUPERVISOR_URL", "supervisor_url", "", _optional_str,
       "supervisord XML-RPC endpoint (unix:///path or http://); default: the socket selfix up configures.",
       group="watchdog"),
@@ -300,6 +303,7 @@ class Settings:
     comfy_rss_limit_gb: float
     heartbeat_stale_s: float
     restart_min_interval_s: float
+    restart_grace_s: float
     supervisor_url: str | None
     crashpoints: frozenset[str]
     log_format: str

@@ -181,10 +181,11 @@ class JobStats:
 
     def count_result(self, result: Mapping[str, Any]) -> None:
         status = str(result.get("status") or "unknown")
-        error = result.get("error") if isinstance(result.get("error"), dict) else {}
+        raw_error, raw_meta = result.get("error"), result.get("metadata")
+        error: Mapping[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         code = str(error.get("code") or "none") if status != "completed" else "none"
         self.jobs[(status, code)] = self.jobs.get((status, code), 0) + 1
-        meta = result.get("metadata") if isinstance(result.get("metadata"), dict) else {}
         for hist, field_name, only_completed in (("duration", "totalTime", False),
                                                  ("generation", "generationTime", True),
                                                  ("queue", "queueTime", False)):

@@ -124,7 +124,9 @@ class ObjectInfo:
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    def stat(self, key: str) -> ObjectInfo: ...
+    def stat(self, key: str, *, retry: bool = True) -> ObjectInfo:
+        """The object's size and ETag (a HEAD). retry=False: one try, for callers with a fallback (a cached copy)."""
+        ...
 
     def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         """Download to exactly `path` (fsynced; the caller renames it into place) and verify the size (and the
@@ -188,7 +190,7 @@ class LocalStore:
             raise InvalidKey(f"object key uses the reserved prefix {self.TMP}/: {key!r}", key=key)
         return self.root / key
 
-    def stat(self, key: str) -> ObjectInfo:
+    def stat(self, key: str, *, retry: bool = True) -> ObjectInfo:
         path = self._path(key)
         try:
             st = path.stat()
@@ -354,10 +356,11 @@ class S3Store:
 
     # -- operations
 
-    def stat(self, key: str) -> ObjectInfo:
+    def stat(self, key: str, *, retry: bool = True) -> ObjectInfo:
         validate_key(key)
+        policy = None if retry else RetryPolicy(attempts=1)
         try:
-            obj = self._call("HEAD", key, lambda: self._client.stat_object(self.bucket, key))
+            obj = self._call("HEAD", key, lambda: self._client.stat_object(self.bucket, key), policy)
         except ObjectNotFound:
             self._check_bucket(key)
             raise
@@ -435,9 +438,10 @@ class S3Store:
             response.close()
             response.release_conn()
 
-    def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
+    def _call(self, op: str, key: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
         """Run `fn`, retrying transient failures with jittered backoff inside the policy's budget."""
-        deadline = time.monotonic() + self.retry.deadline_s
+        retry = policy or self.retry
+        deadline = time.monotonic() + retry.deadline_s
         attempt = 0
         while True:
             attempt += 1
@@ -445,18 +449,18 @@ class S3Store:
                 return fn()
             except _CLASSIFIED as exc:
                 error = self._classify(op, key, exc)
-                if isinstance(error, _Corrupted) and attempt >= min(self.retry.attempts, CORRUPT_ATTEMPTS):
+                if isinstance(error, _Corrupted) and attempt >= min(retry.attempts, CORRUPT_ATTEMPTS):
                     raise ChecksumMismatch(f"{error} ({attempt} times)", key=key) from exc
                 if not error.retriable:
                     if error is exc:
                         raise
                     raise error from exc
-                delay = compute_backoff(attempt, self.retry.base_s, self.retry.cap_s)
-                if attempt >= self.retry.attempts or time.monotonic() + delay > deadline:
+                delay = compute_backoff(attempt, retry.base_s, retry.cap_s)
+                if attempt >= retry.attempts or time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"{error} (gave up after {attempt} attempts)", key=key, s3_code=error.s3_code) from exc
                 logger.warning("s3 {} {!r} failed (attempt {}/{}): {}; retrying in {:.2f}s",
-                               op, key, attempt, self.retry.attempts, error, delay)
+                               op, key, attempt, retry.attempts, error, delay)
                 time.sleep(delay)
 
     def _classify(self, op: str, key: str, exc: BaseException) -> StorageError:

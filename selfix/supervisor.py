@@ -33,25 +33,26 @@ class ProgramInfo:
         return self.state == RUNNING
 
 
-class _Transport(SupervisorTransport):
-    def __init__(self, serverurl: str, timeout: float) -> None:
-        super().__init__(None, None, serverurl)
-        make = self._get_connection
+def _transport(serverurl: str, timeout: float) -> Any:
+    """supervisor's transport, with a socket timeout on its connections (it has none of its own)."""
+    transport = SupervisorTransport(None, None, serverurl)
+    make = transport._get_connection
 
-        def get_connection() -> Any:
-            conn = make()
-            if isinstance(conn, UnixStreamHTTPConnection):
-                def connect() -> None:
-                    conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    conn.sock.settimeout(timeout)
-                    conn.sock.connect(conn.socketfile)
+    def get_connection() -> Any:
+        conn = make()
+        if isinstance(conn, UnixStreamHTTPConnection):
+            def connect() -> None:
+                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.sock.settimeout(timeout)
+                conn.sock.connect(conn.socketfile)
 
-                conn.connect = connect  # type: ignore[method-assign]
-            else:
-                conn.timeout = timeout
-            return conn
+            conn.connect = connect
+        else:
+            conn.timeout = timeout
+        return conn
 
-        self._get_connection = get_connection
+    transport._get_connection = get_connection
+    return transport
 
 
 class Supervisor:
@@ -60,7 +61,7 @@ class Supervisor:
         self.timeout = timeout
 
     def _proxy(self) -> Any:
-        transport = _Transport(self.url, self.timeout)
+        transport = _transport(self.url, self.timeout)
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     def _call(self, method: str, *args: Any) -> Any:

@@ -197,6 +197,22 @@ def test_check_safetensors_accepts_real_layouts(tmp_path: Path) -> None:
         check_safetensors(padded)
 
 
+def test_keys_whose_paths_collide_are_refused_not_crashing(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    outer, inner = "users/u1/a.safetensors", "users/u1/a.safetensors/b.safetensors"
+    for key in (outer, inner):
+        put(s3_bucket, key, lora_bytes(tmp_path, "a", 100), tmp_path)
+    cache = cache_of(s3_bucket, tmp_path / "cache")
+    cache.ensure(outer, "u1")
+    with pytest.raises(m.TaskError) as err:
+        cache.ensure(inner, "u1")
+    assert err.value.code == m.LORA_FORBIDDEN and "collides" in err.value.message
+    other = cache_of(s3_bucket, tmp_path / "cache2")
+    other.ensure(inner, "u1")
+    with pytest.raises(m.TaskError) as err:
+        other.ensure(outer, "u1")
+    assert err.value.code == m.LORA_FORBIDDEN
+
+
 def test_missing_object_is_lora_not_found(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     with pytest.raises(m.TaskError) as err:
         cache_of(s3_bucket, tmp_path / "cache").ensure("users/u1/models/none.safetensors", "u1")
@@ -337,8 +353,8 @@ class CountingStore:
         self.present_at_get: list[str] = []
         self.lock = threading.Lock()
 
-    def stat(self, key: str) -> ObjectInfo:
-        return self.inner.stat(key)
+    def stat(self, key: str, *, retry: bool = True) -> ObjectInfo:
+        return self.inner.stat(key, retry=retry)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)

@@ -7,7 +7,10 @@ ensure_venv() {
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
   fi
-  if [ "$(cat .venv/.selfix-stamp 2>/dev/null)" != "$stamp_want" ]; then
+  local stamp_have
+  stamp_have="$(cat .venv/.selfix-stamp 2>/dev/null || true)"
+  # A venv with the test extras also serves scripts/run (same hash, more packages).
+  if [ "$stamp_have" != "$stamp_want" ] && [ "${stamp_have}" != "${stamp_want}[test]" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".${extras}"
     echo "$stamp_want" > .venv/.selfix-stamp
