@@ -33,6 +33,7 @@ from selfix.storage import ObjectStore, StorageError, open_store
 from selfix.workflow import output_images
 
 TICK_S = 0.25
+HEARTBEAT_S = 1.0
 PROGRESS_WRITE_S = 1.0
 INTERRUPT_GRACE_S = 30.0
 
@@ -79,9 +80,9 @@ class Runner:
         self.recover()
         self.stream.start()
         self.prefetcher.start()
+        beating = asyncio.create_task(self.heartbeat(), name="heartbeat")
         try:
             while not self.flags.abort.is_set():
-                self.spool.beat("runner")
                 if self.flags.stopping.is_set():
                     await self.hand_back_pending()
                     if not self.inflight:
@@ -91,9 +92,17 @@ class Runner:
                 await self.settle()
                 await self.wait_for_change()
         finally:
+            beating.cancel()
             self.prefetcher.close()
             await self.stream.stop()
         return EXIT_ABORTED if self.flags.abort.is_set() else EXIT_OK
+
+    async def heartbeat(self) -> None:
+        """Beat from its own task: a long LoRA download inside fill() must not look like a stuck runner, while a
+        blocked event loop (the real kind of stuck) still stops the beats."""
+        while True:
+            self.spool.beat("runner")
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def wait_for_change(self) -> None:
         """Sleep until an event (a prompt finished, a job was collected) or the next tick; a wake that came
