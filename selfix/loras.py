@@ -41,7 +41,16 @@ from typing import Any
 
 from loguru import logger
 
-from selfix.messages import LORA_FORBIDDEN, LORA_INVALID, LORA_NOT_FOUND, Limits, TaskError, check_lora_key
+from selfix import stats
+from selfix.messages import (
+    LORA_FORBIDDEN,
+    LORA_INVALID,
+    LORA_NOT_FOUND,
+    LORA_TOO_LARGE,
+    Limits,
+    TaskError,
+    check_lora_key,
+)
 from selfix.settings import Settings
 from selfix.spool import Spool
 from selfix.storage import (
@@ -55,7 +64,6 @@ from selfix.storage import (
     validate_key,
 )
 
-LORA_TOO_LARGE = "lora_too_large"
 MAX_HEADER = 100 << 20
 GB = 1 << 30  # LORA_CACHE_MAX_GB and DISK_FREE_FLOOR_GB count GiB
 STATE = ".selfix"
@@ -324,9 +332,12 @@ class LoraCache:
         self._make_dirs()
         with _Lock.take(self._lock_path(key), exclusive=False):
             if self.fresh(key) is not None:
+                stats.incr("lora_cache_hits")
                 return self._used(key)
         with _Lock.take(self._lock_path(key), exclusive=True) as lock:
-            return self._ensure_locked(key, lock)
+            if not self._ensure_locked(key, lock):
+                stats.incr("lora_cache_hits")
+            return self._used(key)
 
     def prefetch(self, key: str, user_id: str | None, window: Iterable[str] = ()) -> bool:
         """Best effort, for the prefetch thread: fetch `key` unless someone else is fetching it already or there is
@@ -340,6 +351,7 @@ class LoraCache:
                 return False  # a download of it is running right now
             with lock:
                 self._ensure_locked(key, lock, frozenset(window))
+                self._used(key)
                 return True
         except (TaskError, StorageError) as exc:
             logger.debug("prefetch of {} skipped: {}", key, exc)
@@ -392,30 +404,31 @@ class LoraCache:
             os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
         return self.comfy_name(key)
 
-    def _ensure_locked(self, key: str, lock: _Lock, keep: frozenset[str] = frozenset()) -> str:
-        """With the key's lock held exclusively: confirm the cached copy (HEAD after the TTL) or download."""
+    def _ensure_locked(self, key: str, lock: _Lock, keep: frozenset[str] = frozenset()) -> bool:
+        """With the key's lock held exclusively: confirm the cached copy (HEAD after the TTL) or download.
+        True when it downloaded."""
         if self.fresh(key) is not None:
-            return self._used(key)  # fetched by another process or thread while we waited for the lock
+            return False  # fetched by another process or thread while we waited for the lock
         meta = self._cached(key)
         size: int | None = None
         if meta is not None:
             if time.monotonic() < self._store_down_until:
-                return self._used(key)  # the store failed a moment ago: the copy it last confirmed will do
+                return False  # the store failed a moment ago: the copy it last confirmed will do
             try:
                 info = self.store.stat(key, retry=False)  # one try: there is a good fallback
             except StorageError as exc:
                 if exc.retriable:
                     self._store_down_until = time.monotonic() + STORE_DOWN_S
                     logger.warning("LoRA {}: store unreachable ({}); using the cached copy", key, exc)
-                    return self._used(key)
+                    return False
                 raise _task_error(key, exc) from None
             if info.etag == meta.etag and info.size == meta.size:
                 self._write_meta(Meta(key, meta.etag, meta.size, time.time()))
-                return self._used(key)
+                return False
             logger.info("LoRA {} changed in the store (ETag {} -> {}): fetching it again", key, meta.etag, info.etag)
             size = info.size
         self._download(key, lock, size, keep)
-        return self._used(key)
+        return True
 
     def _download(self, key: str, lock: _Lock, size: int | None, keep: frozenset[str]) -> None:
         target, part = self.path_of(key), self._part_path(key)
@@ -461,6 +474,8 @@ class LoraCache:
                     part.unlink(missing_ok=True)
                 lock.write("")
             took = time.monotonic() - started
+            stats.incr("lora_cache_misses")
+            stats.incr("lora_download_bytes", info.size)
             logger.info("LoRA {} fetched: {} bytes in {:.2f}s ({:.0f} MB/s)", key, info.size, took,
                         info.size / max(took, 1e-6) / 1e6)
             return

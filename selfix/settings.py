@@ -175,6 +175,9 @@ SPECS: tuple[Spec, ...] = (
       "Free disk kept on the cache/spool filesystem; /readyz fails below it.", group="lora"),
     S("LORA_HEAD_TTL_S", "lora_head_ttl_s", "60", _non_negative_float,
       "A cached LoRA checked against S3 within this many seconds is used without a request.", group="lora"),
+    S("S3_VERIFY_MD5", "s3_verify_md5", "true", _bool,
+      "Check the MD5 of single-part downloads against their ETag (costs CPU: about 0.6-0.9 GB/s per core).",
+      group="s3"),
     S("USER_PREFIX", "user_prefix", "users/{userId}/", _prefix_template,
       "Key prefix a user's LoRAs and input images must live under.", group="lora"),
     S("JOB_TIMEOUT_S", "job_timeout_s", "600", _positive_float,
@@ -197,7 +200,7 @@ SPECS: tuple[Spec, ...] = (
     S("MAX_WORKFLOW_NODES", "max_workflow_nodes", "500", _positive_int, "Most nodes in one workflow.",
       group="jobs"),
     S("MAX_DATA_URL_BYTES", "max_data_url_bytes", "10485760", _positive_int,
-      "Largest decoded data: URL input image.", group="jobs"),
+      "Largest input image, from a data: URL or from the store.", group="jobs"),
     S("KAFKA_MAX_INFLIGHT", "kafka_max_inflight", "8", _positive_int,
       "Unfinished tasks a node holds before it pauses its partitions.", group="kafka"),
     S("KAFKA_TOPIC_DLQ", "kafka_topic_dlq", "", _optional_str,
@@ -275,6 +278,7 @@ class Settings:
     lora_cache_max_gb: float
     disk_free_floor_gb: float
     lora_head_ttl_s: float
+    s3_verify_md5: bool
     user_prefix: str
     job_timeout_s: float
     max_attempts: int

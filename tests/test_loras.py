@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from selfix import messages as m
+from selfix import stats
 from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache, Prefetcher, check_safetensors, keys_in_processing
 from selfix.prepare import ensure_loras
 from selfix.spool import Spool
@@ -110,6 +111,23 @@ def test_miss_fetches_verified_file_then_hits_cost_no_request_within_ttl_and_one
     assert stale.ensure(key, "u1") == key
     assert (tmp_path / "cache" / key).read_bytes() == changed, "a changed object is fetched again"
     assert reqs.delta() == {"HeadObject": 1, "GetObject": 1}
+
+
+def test_hits_misses_and_bytes_are_counted_for_metrics(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    key = "users/u1/models/counted.safetensors"
+    data = lora_bytes(tmp_path, "a", 7_000)
+    put(s3_bucket, key, data, tmp_path)
+    spool = Spool(tmp_path / "spool").ensure()
+    stats.configure(spool, "runner")
+    try:
+        cache = cache_of(s3_bucket, tmp_path / "cache")
+        for _ in range(3):
+            cache.ensure(key, "u1")
+        cache_of(s3_bucket, tmp_path / "cache", head_ttl_s=0).ensure(key, "u1")  # a hit confirmed by a HEAD
+    finally:
+        stats.reset_for_tests()
+    counts = {name: value for (name, _labels), value in stats.read_all(spool).items()}
+    assert counts == {"lora_cache_misses": 1, "lora_cache_hits": 3, "lora_download_bytes": len(data)}
 
 
 def test_single_part_object_is_md5_verified(s3_bucket: S3Bucket, tmp_path: Path) -> None:
