@@ -42,6 +42,7 @@ from typing import Any
 from loguru import logger
 
 from selfix import stats
+from selfix.files import fsync_dir as _fsync_dir
 from selfix.messages import (
     LORA_FORBIDDEN,
     LORA_INVALID,
@@ -159,14 +160,6 @@ def keys_in_processing(spool: Spool) -> set[str]:
         if isinstance(job, dict):
             keys.update(k for k in job.get("loraModels") or [] if isinstance(k, str))
     return keys
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Lock:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfix.files import fsync_dir
+
 STATES = ("tmp", "inbox", "processing", "outbox", "done", "corrupt")
 TASK_ID_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
 PRIORITY_MIN, PRIORITY_MAX = -999_999, 999_999
@@ -70,14 +72,6 @@ class InboxEntry:
         prio = max(PRIORITY_MIN, min(PRIORITY_MAX, priority))
         key = _PRIO_OFFSET - prio
         return f"{key:07d}.{enqueued_ms:013d}.{not_before_ms:013d}.{min(attempt, 99):02d}.{task_id}.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

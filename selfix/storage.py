@@ -35,6 +35,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from selfix.backoff import compute_backoff
+from selfix.files import fsync_dir as _fsync_dir
 from selfix.settings import Settings
 
 T = TypeVar("T")
@@ -155,14 +156,6 @@ def validate_key(key: str) -> str:
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidKey(f"object key has an empty, '.' or '..' segment: {shown!r}", key=shown)
     return key
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------- local
