@@ -325,12 +325,24 @@ def doctor_checks(settings: Settings) -> list[Check]:
         checks.append(("comfyui command", False, str(exc)))
     up = comfy_alive(settings)
     checks.append(("comfyui", up, f"{settings.comfy_url} {'answers' if up else 'does not answer'}"))
+    checks.append(_gpu_check())
     checks.extend(_store_checks(settings))
     if settings.kafka_enabled:
         from selfix.kafka import check_kafka
 
         checks.extend(check_kafka(settings))
     return checks
+
+
+def _gpu_check() -> Check:
+    """Informational: no GPU is a valid CPU-mode node (a laptop demo), so it never fails the doctor."""
+    from selfix.gpu import Nvml
+
+    nvml, description = Nvml.open()
+    if nvml is None:
+        return ("gpu", True, f"CPU mode: {description}")
+    nvml.close()
+    return ("gpu", True, description)
 
 
 def _store_checks(settings: Settings) -> list[Check]:

@@ -62,6 +62,7 @@ def test_doctor_reports_each_check_and_fails_without_comfyui(env: dict[str, str]
     out = run(["doctor"], {**env, "S3_SECRET_KEY": "hunter2-secret", "COMFY_COMMAND": "true"})
     assert out.returncode == 1
     assert "ok   spool" in out.stdout and "FAIL comfyui:" in out.stdout
+    assert "ok   gpu: " in out.stdout
     assert "S3_SECRET_KEY=***" in out.stdout and "hunter2-secret" not in out.stdout
 
 
