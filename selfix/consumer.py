@@ -33,7 +33,7 @@ from loguru import logger
 
 from selfix import kafka as k
 from selfix.backoff import compute_backoff
-from selfix.intake import accept, ingest_dropped_files, limits_of
+from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
 from selfix.messages import peek_ids
 from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
@@ -151,7 +151,13 @@ class KafkaIntake:
             return  # re-delivery of an offset this session already handled
         raw = msg.value() or b""
         source = {"topic": tp[0], "partition": tp[1], "offset": offset}
-        outcome = accept(self.spool, raw, self.limits, self.catalog, source)
+        try:
+            outcome = accept(self.spool, raw, self.limits, self.catalog, source)
+        except OSError:
+            raise  # the spool's disk: crash, restart, read the message again (its offset is not committed)
+        except Exception as exc:  # noqa: BLE001 - a message selfix cannot digest must not block its partition
+            logger.opt(exception=True).error("{}[{}]@{}: intake failed on this message", tp[0], tp[1], offset)
+            outcome = Outcome("unaddressable", None, f"selfix could not process it: {exc!r}"[:300])
         self.counts[outcome.kind] += 1
         where = f"{tp[0]}[{tp[1]}]@{offset}"
         if outcome.kind == "unaddressable":
@@ -253,11 +259,15 @@ class KafkaIntake:
         """A waited-for task that two audits in a row find in no spool state left without a result (withdrawn as
         the duplicate of another partition's copy, or moved to corrupt/): read its partition again from there."""
         self.last_audit = time.monotonic()
-        known = self.spool.known_task_ids()
+        if not any(self.waiting.values()):
+            self.missing = set()
+            return
+        live = {e.task_id for e in self.spool.inbox_entries()} | {p.stem for p in self.spool.processing_files()}
+        live.update(self.spool.outbox_tasks())
         missing: set[tuple[k.TP, int]] = set()
         for tp, offsets in self.waiting.items():
             for offset, task_id in offsets.items():
-                if task_id not in known:
+                if task_id not in live and not self.spool.done_path(task_id).exists():
                     missing.add((tp, offset))
         for tp, offset in sorted(missing & self.missing):
             if offset in self.waiting.get(tp, {}) and self.spool.state_of(self.waiting[tp][offset]) is None:
@@ -316,13 +326,26 @@ class KafkaIntake:
             return
         parts = self.consumer.assignment()
         try:
-            (self.consumer.pause if want_paused else self.consumer.resume)(parts)
-        except Exception as exc:  # noqa: BLE001 - a rebalance in between: decide again on the next tick
+            if want_paused:
+                self.consumer.pause(parts)
+            else:
+                self.resume(parts)
+        except KafkaException as exc:  # a rebalance in between: decide again on the next tick
             logger.debug("pause/resume postponed: {}", exc)
             return
         self.paused = want_paused
         logger.info("{} {} partition(s): {} unfinished task(s) on this node (KAFKA_MAX_INFLIGHT={})",
                     "paused" if want_paused else "resumed", len(parts), self.held, self.settings.kafka_max_inflight)
+
+    def resume(self, parts: list[TopicPartition]) -> None:
+        """Resume, then seek each partition to the offset after the last one received. Pausing dropped what
+        librdkafka had prefetched, and after a plain resume its fetcher idles up to a second before it fetches
+        again; the seek (to exactly the next offset not yet delivered, so nothing is skipped) starts it at once."""
+        self.consumer.resume(parts)
+        assigned = {(p.topic, p.partition) for p in parts}
+        for tp, offset in self.tracker.next_offsets().items():
+            if tp in assigned:
+                self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
     # --- rebalancing ---------------------------------------------------------------------------------------
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -89,10 +89,14 @@ def consumer_config(settings: Settings, *, client_id: str | None = None,
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": max(100, settings.kafka_session_timeout_ms // 10),
         "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
-        # The consumer pauses its partitions at KAFKA_MAX_INFLIGHT, which drops what was prefetched: keep the
-        # prefetch small instead of librdkafka's 100 000 messages / 64 MB per partition.
-        "queued.min.messages": 1000,
+        # The consumer pauses its partitions at KAFKA_MAX_INFLIGHT, which drops what was prefetched: cap the
+        # prefetch at 16 MB instead of 64 MB. (Not queued.min.messages: lowered, it delays every fetch after a
+        # resume by ~0.4 s.)
         "queued.max.messages.kbytes": 16384,
+        # A resumed partition cannot fetch before the fetch request in flight returns, which the broker holds up to
+        # this long when there is nothing new: 100 ms (librdkafka: 500) keeps the refill after a pause quick, for
+        # ten small requests a second from an idle node.
+        "fetch.wait.max.ms": 100,
     })
     conf.update(overrides or {})
     return conf
@@ -230,6 +234,10 @@ class OffsetTracker:
         part.high = min(part.high, offset - 1)
         if not part.pending and part.high < 0:
             self._parts.pop(tp, None)
+
+    def next_offsets(self) -> dict[TP, int]:
+        """Per partition, the offset after the highest one received: where consuming stands."""
+        return {tp: part.high + 1 for tp, part in self._parts.items() if part.high >= 0}
 
     def pending(self, tp: TP) -> frozenset[int]:
         part = self._parts.get(tp)

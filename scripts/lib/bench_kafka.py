@@ -136,6 +136,18 @@ def latency(broker: KafkaBroker, root: Path, m: int) -> None:
             print(f"latency     mode={mode} tasks={len(added)}/{m} generation={gen * 1000:.1f}ms "
                   f"added p50={pct(added, 50) * 1000:.0f}ms p95={pct(added, 95) * 1000:.0f}ms "
                   f"max={max(added) * 1000:.0f}ms throughput={len(added) / wall:.1f} tasks/s", flush=True)
+            parts = {k: [] for k in ("consumer", "to-start", "runner-rest", "uploader")}
+            for t in ids:
+                if t not in got or "startedAt" not in got[t][1]["metadata"]:
+                    continue
+                meta, out_ts, in_ts = got[t][1]["metadata"], got[t][0] / 1000, sent[t] / 1000
+                enqueued = meta["startedAt"] - meta["queueTime"]
+                parts["consumer"].append(enqueued - in_ts)
+                parts["to-start"].append(meta["queueTime"])
+                parts["runner-rest"].append(meta["totalTime"] - meta["queueTime"] - meta["generationTime"])
+                parts["uploader"].append(out_ts - enqueued - meta["totalTime"])
+            print("            p50 by stage: " + ", ".join(
+                f"{k} {pct(v, 50) * 1000:.0f}ms" for k, v in parts.items() if v), flush=True)
     finally:
         node.stop()
 
