@@ -423,6 +423,12 @@ class PublishError(RuntimeError):
     """A message was not (or not yet) acknowledged by the broker; the caller keeps it and retries later."""
 
 
+class PublishRefused(PublishError):
+    """The broker refuses this producer for good (credentials, TLS, authorization): retrying cannot help."""
+
+    permanent = True
+
+
 @dataclass
 class Delivery:
     """One produced message: settled by librdkafka's delivery report (served by poll/flush)."""
@@ -558,6 +564,8 @@ class ResultPublisher:
         overdue = any(d is not delivery and not d.done and time.monotonic() - d.since > self.wait_s
                       for d in self.pending.values())
         if not self.sender.wait(delivery, SHORT_WAIT_S if overdue else self.wait_s):
+            if self.sender.permanent is not None:
+                raise PublishRefused(self.sender.describe(self.sender.permanent))
             raise PublishError(f"result not acknowledged by Kafka yet ({self.sender.problem()}); it stays in outbox/")
         del self.pending[task_id]
         if delivery.error is not None:

@@ -32,7 +32,7 @@ from selfix.spool import Spool, valid_task_id
 from selfix.storage import ObjectStore, StorageError, open_store
 from selfix.workflow import output_images
 
-TICK_S = 0.25
+TICK_S = 0.05  # inbox look-up when idle: one listdir, cheap; it bounds pick-up latency
 HEARTBEAT_S = 1.0
 PROGRESS_WRITE_S = 1.0
 INTERRUPT_GRACE_S = 30.0

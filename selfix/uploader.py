@@ -18,12 +18,12 @@ from loguru import logger
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
 from selfix.prepare import remove_task_files
-from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
+from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
 from selfix.storage import ObjectStore, StorageError, open_store
 
-IDLE_POLL_S = 0.1
+IDLE_POLL_S = 0.05
 PRUNE_EVERY_S = 600.0
 UPLOAD_THREADS = 4
 
@@ -62,6 +62,7 @@ class Uploader:
         self.failures: dict[str, int] = {}
         self.not_before: dict[str, float] = {}
         self.last_prune = 0.0
+        self.refused: str | None = None
 
     def run(self) -> int:
         while not self.flags.abort.is_set():
@@ -70,9 +71,13 @@ class Uploader:
             if self.flags.stopping.is_set() and not self._ready(pending):
                 break  # drained: what is left waits for its backoff, and survives in outbox/ anyway
             for task_id in self._ready(pending):
-                if self.flags.abort.is_set():
+                if self.flags.abort.is_set() or self.refused:
                     break
                 self.deliver(task_id)
+            if self.refused:
+                logger.error("results cannot be published, stopping (they wait in outbox/): {}", self.refused)
+                self.publisher.close()
+                return EXIT_UNAVAILABLE
             self.maintain()
             self.publisher.idle()
             if not self._ready(self.spool.outbox_tasks()):
@@ -101,6 +106,9 @@ class Uploader:
             self.upload_images(task_id, result)
             self.publisher.publish(result)
         except Exception as exc:  # noqa: BLE001 - any failure here is retried; the result stays in outbox/
+            if getattr(exc, "permanent", False):
+                self.refused = str(exc)  # e.g. wrong KAFKA_SASL_*: stop loudly instead of retrying forever
+                return
             self.postpone(task_id, exc)
             return
         crashpoint(self.settings, self.spool, "uploader.before_done")

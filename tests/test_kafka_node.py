@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -278,3 +280,12 @@ def test_wrong_sasl_password_stops_the_consumer_visibly(kafka_broker: KafkaBroke
     assert "SASL authentication failed" in logs and "KAFKA_SASL_PASSWORD" in logs
     assert "consumer kafka: Kafka unreachable" not in logs  # the real cause is not drowned by a wrong one
     assert wrong not in logs
+
+    # A result that cannot be published stops the uploader just as visibly; the result waits in outbox/.
+    job = node.root / "direct.json"
+    job.write_text(json.dumps(task("direct-1")))
+    subprocess.run([sys.executable, "-m", "selfix", "submit", str(job)], env=node.env, check=True, timeout=60)
+    wait_until(lambda: "exited: uploader (exit status 69" in node.log_path.read_text(), 60,
+               lambda: f"uploader exit 69 in supervisord's log: {node.info().get('uploader')}")
+    assert node.spool.outbox_tasks() == ["direct-1"] and node.results() == {}
+    assert wrong not in node_logs(node)

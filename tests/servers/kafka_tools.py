@@ -19,6 +19,7 @@ from selfix.settings import Settings, load
 from selfix.spool import Spool
 from selfix.templates import Catalog
 from tests.servers.kafka_broker import Auth, KafkaBroker
+from tests.servers.node_plugin import wait_until
 
 
 def produce(broker: KafkaBroker, topic: str, messages: Iterable[dict[str, Any] | bytes], *,
@@ -121,15 +122,7 @@ def end_offsets(broker: KafkaBroker, topic: str, partitions: int) -> dict[int, i
         consumer.close()
 
 
-def wait_for(predicate: Any, timeout: float, what: Any, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
+wait_for = wait_until  # one polling helper for every server test
 
 
 def finish(spool: Spool, task_id: str) -> None:
