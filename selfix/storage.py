@@ -161,7 +161,21 @@ def validate_key(key: str) -> str:
 # --------------------------------------------------------------------------------------------------- local
 
 
-class LocalStore:
+class _StatExists:
+    """`exists` for any store with a `stat` that raises ObjectNotFound."""
+
+    def stat(self, key: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+
+class LocalStore(_StatExists):
     """A directory standing in for the bucket: object key = relative path under `root`.
 
     Writes go to `root/.tmp/`, are fsynced, then renamed into place, so a reader never sees half an object.
@@ -192,13 +206,6 @@ class LocalStore:
         if not path.is_file():
             raise self._not_found(key)
         return self._info(key, st)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.stat(key)
-        except ObjectNotFound:
-            return False
-        return True
 
     def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         source = self._path(key)
@@ -322,7 +329,7 @@ def _status(exc: BaseException) -> int:
     return int(getattr(exc, "_code", 0) or 0)  # InvalidResponseError keeps the status privately
 
 
-class S3Store:
+class S3Store(_StatExists):
     """S3 through the MinIO client, with bounded timeouts and selfix's own retries."""
 
     def __init__(
@@ -367,13 +374,6 @@ class S3Store:
             multipart=_is_multipart(etag),
             content_type=obj.content_type,
         )
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.stat(key)
-        except ObjectNotFound:
-            return False
-        return True
 
     def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         validate_key(key)

@@ -31,6 +31,8 @@ from typing import Any, Literal
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.servers import ServerLifecycle
+
 Auth = Literal["none", "plain", "scram"]
 
 JVM_OPTS = (
@@ -97,7 +99,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-class KafkaBroker:
+class KafkaBroker(ServerLifecycle):
     PLAIN_USERNAME = "selfix"
     PLAIN_PASSWORD = "selfix-secret"
     SCRAM_MECHANISM = "SCRAM-SHA-256"
@@ -213,23 +215,6 @@ class KafkaBroker:
             proc.kill()
             proc.wait(10)
         self._reap()
-
-    def restart(self) -> None:
-        """Stop (if running) and start again on the same ports with the same data directory."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ topics
     def admin(self) -> AdminClient:

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 from minio import Minio
+
+from tests.servers import ServerLifecycle
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "scripts" / "lib" / "install-minio"
@@ -73,7 +74,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-class MinioServer:
+class MinioServer(ServerLifecycle):
     def __init__(self, base_dir: Path | str | None = None, *, binary: Path | None = None,
                  access_key: str = ROOT_USER, secret_key: str = ROOT_PASSWORD) -> None:
         self._own_dir = base_dir is None
@@ -165,23 +166,6 @@ class MinioServer:
             self._proc.kill()
             self._proc.wait(10)
         self._proc = None
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Same ports, same drive: objects written before are there again."""
-        self.stop()
-        self.start(timeout)
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def __enter__(self) -> MinioServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
