@@ -34,6 +34,7 @@ from selfix.workflow import output_images
 
 TICK_S = 0.05  # inbox look-up when idle: one listdir, cheap; it bounds pick-up latency
 HEARTBEAT_S = 1.0
+PREFETCH_POKE_S = 1.0
 PROGRESS_WRITE_S = 1.0
 INTERRUPT_GRACE_S = 30.0
 
@@ -74,6 +75,7 @@ class Runner:
         self.stream = EventStream(client, self.on_event, self.on_reconnect)
         self.needs_reconcile = True
         self.handed_back = False
+        self.last_poke = 0.0
 
     # --- main loop -------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -116,6 +118,7 @@ class Runner:
 
     # --- taking jobs ---------------------------------------------------------------------------------
     async def fill(self) -> None:
+        claimed = False
         while len(self.inflight) < self.capacity() and not self.flags.stopping.is_set():
             entry = self.spool.next_ready()
             if entry is None:
@@ -123,10 +126,16 @@ class Runner:
             path = self.spool.claim(entry)
             if path is None:
                 continue
+            claimed = True
             job = self.load_job(path)
             if job is not None:
                 await self.start(job)
-        self.prefetcher.poke()  # returns at once: the prefetch thread reads inbox/ and downloads
+        now = time.monotonic()
+        if claimed or now - self.last_poke >= PREFETCH_POKE_S:
+            # Returns at once: the prefetch thread reads the head of inbox/ and downloads. Poked when the head
+            # moved, else once a second for new arrivals, not on every 50 ms tick.
+            self.last_poke = now
+            self.prefetcher.poke()
 
     def load_job(self, path: Path) -> dict[str, Any] | None:
         try:
