@@ -30,6 +30,7 @@ INBOX_RE = re.compile(
     r"^(?P<key>\d{7})\.(?P<enq>\d{13})\.(?P<nb>\d{13})\.(?P<attempt>\d{2})\.(?P<task>(?!\.)[A-Za-z0-9._-]{1,128})\.json$"
 )
 RESULT_FILE = "result.json"
+_NAME_PREFIX_LEN = len("0000000.0000000000000.0000000000000.00.")  # the fixed-width part before the taskId
 
 
 def valid_task_id(value: object) -> bool:
@@ -290,7 +291,9 @@ class Spool:
             return "outbox"
         if self.processing_path(task_id).exists():
             return "processing"
-        if any(e.task_id == task_id for e in self.inbox_entries()):
+        # Called for every incoming message: compare the fixed-width name's tail instead of parsing and sorting.
+        wanted = f"{task_id}.json"
+        if any(n[_NAME_PREFIX_LEN:] == wanted and INBOX_RE.match(n) for n in self._names(self.inbox)):
             return "inbox"
         return None
 
