@@ -5,6 +5,7 @@ Also a standalone ComfyUI double (`comfy_double`) for tests of single processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -222,12 +223,18 @@ class Node:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        # supervisord runs each program in a process group of its own: if supervisord has to be killed, they
+        # would outlive it, so remember them and make sure none survives the test.
+        groups = [int(p["pid"]) for p in self.info().values() if p.get("pid")]
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(30)
+            self.proc.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
 
 
 @pytest.fixture
