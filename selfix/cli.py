@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from selfix.settings import EXIT_CONFIG, Settings, SettingsError, load
 from selfix.spool import Spool
@@ -98,6 +98,15 @@ def prepare_node(settings: Settings) -> Spool:
     return spool
 
 
+def _exec_supervisor_tool(tool: str, settings: Settings, args: list[str]) -> NoReturn:
+    """exec supervisord/supervisorctl with what conf/supervisord.conf expands (SPOOL_DIR, COMFY_LOG_DIR, resolved
+    from the settings) and this Python's scripts first on PATH, so the programs' `selfix ...` commands resolve."""
+    env = dict(os.environ, SPOOL_DIR=str(settings.spool_dir), COMFY_LOG_DIR=str(settings.comfy_log_dir))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    argv = [shutil.which(tool, path=env["PATH"]) or tool, *args]
+    os.execvpe(argv[0], argv, env)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     try:
@@ -106,20 +115,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"selfix up: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     prepare_node(settings)
-    env = dict(os.environ, SPOOL_DIR=str(settings.spool_dir), COMFY_LOG_DIR=str(settings.comfy_log_dir))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    supervisord = shutil.which("supervisord", path=env["PATH"]) or "supervisord"
-    argv = [supervisord, "-n", "-c", str(args.conf)]
-    print(f"selfix up: {shlex.join(argv)} (spool {settings.spool_dir})", flush=True)
-    os.execvpe(argv[0], argv, env)
+    print(f"selfix up: supervisord -n -c {args.conf} (spool {settings.spool_dir})", flush=True)
+    _exec_supervisor_tool("supervisord", settings, ["-n", "-c", str(args.conf)])
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    settings = _settings()
-    env = dict(os.environ, SPOOL_DIR=str(settings.spool_dir), COMFY_LOG_DIR=str(settings.comfy_log_dir))
-    ctl = shutil.which("supervisorctl", path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    argv = [ctl or "supervisorctl", "-c", str(args.conf), *args.rest]
-    os.execvpe(argv[0], argv, env)
+    _exec_supervisor_tool("supervisorctl", _settings(), ["-c", str(args.conf), *args.rest])
 
 
 # --- submit --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers.node_plugin import Node, task, wait_until
+from tests.servers.node_plugin import PROGRAMS, Node, task, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +175,9 @@ def test_malformed_job_files_get_specific_errors_and_others_complete(make_node: 
     assert all(reason for _, reason in corrupt), corrupt
     assert {n.split(".", 2)[2] for n, _ in corrupt} == {n for n, _, c in MALFORMED if c == "corrupt"}
     assert all(info["statename"] == "RUNNING" for info in node.info().values())
+    ctl = subprocess.run([sys.executable, "-m", "selfix", "ctl", "status"], env=node.env, capture_output=True,
+                         text=True, timeout=30)
+    assert [line.split()[:2] for line in ctl.stdout.splitlines()] == [[p, "RUNNING"] for p in sorted(PROGRAMS)], ctl
 
 
 def _png_data_url(color: tuple[int, int, int] = (200, 10, 10)) -> str:
