@@ -133,7 +133,7 @@ class Node:
             [sys.executable, "-m", "selfix", "up"], env=self.env, cwd=ROOT,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
         wait_until(lambda: self._running(wait_programs), 60, lambda: f"{wait_programs} RUNNING\n{self.log_tail()}")
-        wait_until(self.comfy_answers, 60, "ComfyUI double answering")
+        wait_until(self.comfy_answers, 90, lambda: f"ComfyUI answering\n{self.log_tail()}")
         return self
 
     def comfy_answers(self) -> bool:

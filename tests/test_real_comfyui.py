@@ -1,0 +1,135 @@
+"""The same node, unchanged, against a REAL ComfyUI instead of the double (weight-free workflows).
+
+Runs only where a ComfyUI checkout and its Python are given: SELFIX_REAL_COMFYUI_DIR (the folder with main.py) and
+SELFIX_REAL_COMFY_PYTHON (an interpreter with ComfyUI's requirements); extra flags in SELFIX_REAL_COMFY_ARGS
+(default `--cpu`). Skipped otherwise: ComfyUI is not on PyPI, so CI cannot install it by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.servers.node_plugin import Node, write_safetensors
+from tests.test_e2e import assert_clean_spool, assert_images
+
+COMFYUI_DIR = os.environ.get("SELFIX_REAL_COMFYUI_DIR", "")
+COMFY_PYTHON = os.environ.get("SELFIX_REAL_COMFY_PYTHON", "")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not (COMFYUI_DIR and Path(COMFYUI_DIR, "main.py").exists() and COMFY_PYTHON),
+                       reason="no real ComfyUI: set SELFIX_REAL_COMFYUI_DIR and SELFIX_REAL_COMFY_PYTHON"),
+]
+
+
+def png_data_url() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 128, 255)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+JOBS: dict[str, dict[str, Any]] = {
+    "real-demo": {"taskId": "real-demo", "userId": "u1", "template": "demo",
+                  "params": {"width": 128, "height": 128, "out_width": 160, "out_height": 96, "batch_size": 2}},
+    "real-load": {"taskId": "real-load", "userId": "u1", "images": {"pose.png": png_data_url()}, "workflow": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "pose.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 64,
+                                                     "height": 64, "crop": "disabled"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "load"}}}},
+    "real-badckpt": {"taskId": "real-badckpt", "userId": "u1", "workflow": {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nope.safetensors"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}}}},
+    "real-junkckpt": {"taskId": "real-junkckpt", "userId": "u1", "workflow": {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "junk.safetensors"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}}}},
+    "real-nonode": {"taskId": "real-nonode", "userId": "u1",
+                    "workflow": {"1": {"class_type": "NoSuchNode", "inputs": {}}}},
+}
+
+
+def test_node_against_real_comfyui(make_node: Any, tmp_path: Path) -> None:
+    node: Node = make_node("real", env={
+        "COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+        "COMFY_ARGS": os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu") + " --database-url sqlite:///:memory:",
+        "WS_SILENCE_S": "5"})
+    (Path(node.env["MODELS_DIR"]) / "checkpoints" / "junk.safetensors").write_bytes(b"\xff" * 64)
+    write_safetensors(Path(node.env["MODELS_DIR"]) / "checkpoints" / "tiny.safetensors")
+    node.start()
+    for task_id, job in JOBS.items():
+        node.drop(f"{task_id}.json", job)
+    results = node.wait_results(set(JOBS), timeout=180)
+    print(json.dumps(results, indent=1)[:4000])
+
+    assert_images(node, results["real-demo"])
+    assert len(results["real-demo"]["imagePaths"]) == 2
+    with Image.open(node.store / results["real-demo"]["imagePaths"][0]) as img:
+        assert img.size == (160, 96)
+    assert_images(node, results["real-load"])
+    bad = results["real-badckpt"]["error"]
+    assert bad["code"] == "invalid_workflow" and bad["nodeErrors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+    assert results["real-nonode"]["error"]["code"] == "invalid_workflow"
+    assert "NoSuchNode" in results["real-nonode"]["error"]["message"]
+    junk = results["real-junkckpt"]["error"]
+    assert junk["code"] == "execution_error" and "node 4 (CheckpointLoaderSimple)" in junk["message"], junk
+    assert results["real-demo"]["metadata"]["generationTime"] > 0
+    assert_clean_spool(node)
+
+
+def slow_job(task_id: str) -> dict[str, Any]:
+    """Weight-free but slow on a CPU: a large blurred batch (a few seconds), long enough to kill the runner in."""
+    return {"taskId": task_id, "userId": "u1", "workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 1536, "height": 1536, "batch_size": 4,
+                                                     "color": int(task_id.encode().hex()[-6:], 16)}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 31, "sigma": 8.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "slow"}}}}
+
+
+def test_runner_killed_mid_job_reattaches_to_the_real_comfyui(make_node: Any) -> None:
+    from tests.servers.node_plugin import wait_until
+
+    node: Node = make_node("real-kill", env={
+        "COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+        "COMFY_ARGS": os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu") + " --database-url sqlite:///:memory:"})
+    node.start()
+    ids = ["slow-a", "slow-b"]
+    for task_id in ids:
+        node.drop(f"{task_id}.json", slow_job(task_id))
+    wait_until(lambda: any(json.loads(p.read_bytes()).get("startedAt") for p in node.spool.processing_files()),
+               60, "a job running inside the real ComfyUI")
+    node.wait_restarted("runner", node.kill("runner"))
+    results = node.wait_results(set(ids), timeout=180)
+    for result in results.values():
+        assert_images(node, result)
+        assert result["metadata"]["attempts"] == 1, result
+    log = (Path(node.env["COMFY_LOG_DIR"]) / "comfyui.log").read_text()
+    assert log.count("Prompt executed in") == 2, "a prompt ran twice in the real ComfyUI"
+    assert_clean_spool(node)
+
+
+def test_real_comfyui_killed_mid_job_is_restarted_and_the_job_retried(make_node: Any) -> None:
+    from tests.servers.node_plugin import wait_until
+
+    node: Node = make_node("real-crash", env={
+        "COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+        "COMFY_ARGS": os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu") + " --database-url sqlite:///:memory:"})
+    node.start()
+    node.drop("victim.json", slow_job("victim"))
+    wait_until(lambda: any(json.loads(p.read_bytes()).get("startedAt") for p in node.spool.processing_files()),
+               60, "the job running inside the real ComfyUI")
+    node.wait_restarted("comfyui", node.kill("comfyui"), timeout=60)
+    result = node.wait_results({"victim"}, timeout=180)["victim"]
+    assert_images(node, result)
+    assert result["metadata"]["attempts"] == 2, result
+    assert_clean_spool(node)
