@@ -15,13 +15,9 @@ missing topic is a real error the code under test has to report (selfix doctor, 
 from __future__ import annotations
 
 import base64
-import contextlib
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,7 +27,7 @@ from typing import Any, Literal
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.servers import ServerLifecycle
+from tests.servers import ServerLifecycle, die_with_parent, free_ports
 
 Auth = Literal["none", "plain", "scram"]
 
@@ -66,18 +62,6 @@ class KafkaBrokerError(RuntimeError):
     """The broker could not be formatted, started or driven; the message carries the log's tail."""
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets are held open together so the kernel cannot hand out the same port twice.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
@@ -90,13 +74,6 @@ def _cluster_id() -> str:
         value = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         if not value.startswith("-"):
             return value
-
-
-def _die_with_parent() -> None:
-    # A pytest killed with SIGKILL must not leave a JVM holding ports and 400 MB behind.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class KafkaBroker(ServerLifecycle):
@@ -121,7 +98,7 @@ class KafkaBroker(ServerLifecycle):
         self.java = java or shutil.which("java") or "java"
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: Any = None
-        self.port, self.sasl_port, self.controller_port = _free_ports(3)
+        self.port, self.sasl_port, self.controller_port = free_ports(3)
         self.start_seconds: float | None = None  # wall time of the last start(), for reports
 
     # ------------------------------------------------------------------ addresses and credentials
@@ -183,13 +160,13 @@ class KafkaBroker(ServerLifecycle):
                 self._wait_ready(time.monotonic() + self.start_timeout)
                 break
             except KafkaBrokerError:
-                # A port taken between _free_ports() and the JVM's bind: only a fresh node may move ports.
+                # A port taken between free_ports() and the JVM's bind: only a fresh node may move ports.
                 if formatted or attempt == 2 or "Address already in use" not in self.log_tail(200):
                     self.kill()
                     raise
                 self.kill()
                 shutil.rmtree(self.data_dir, ignore_errors=True)
-                self.port, self.sasl_port, self.controller_port = _free_ports(3)
+                self.port, self.sasl_port, self.controller_port = free_ports(3)
         self.start_seconds = time.monotonic() - began
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -319,7 +296,7 @@ class KafkaBroker(ServerLifecycle):
             self._java("kafka.Kafka", str(self.config_path)), stdin=subprocess.DEVNULL,
             stdout=self._console, stderr=subprocess.STDOUT, cwd=self.base_dir,
             start_new_session=True,  # Ctrl-C in pytest reaches pytest, which then stops the broker in order
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent())
 
     def _wait_ready(self, deadline: float) -> None:
         while True:

@@ -7,16 +7,10 @@ version), or from SELFIX_MINIO_BIN when the test runner already installed it. A 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +18,7 @@ from pathlib import Path
 
 from minio import Minio
 
-from tests.servers import ServerLifecycle
+from tests.servers import ServerLifecycle, die_with_parent, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO / "scripts" / "lib" / "install-minio"
@@ -53,27 +47,6 @@ def minio_binary() -> Path:
     return Path(lines[-1])
 
 
-def _free_ports(count: int) -> list[int]:
-    # Held open together so the kernel cannot hand out the same port twice.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _die_with_parent() -> None:
-    # If pytest itself is killed, the server must not outlive it holding ports and a temp dir.
-    # Linux sends the signal when the forking *thread* exits, so this is only armed from the main thread
-    # (see _launch): a server started from a helper thread would otherwise die with that thread.
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class MinioServer(ServerLifecycle):
     def __init__(self, base_dir: Path | str | None = None, *, binary: Path | None = None,
                  access_key: str = ROOT_USER, secret_key: str = ROOT_PASSWORD) -> None:
@@ -84,7 +57,7 @@ class MinioServer(ServerLifecycle):
         self._binary = binary
         self._access_key = access_key
         self._secret_key = secret_key
-        self.port, self.console_port = _free_ports(2)
+        self.port, self.console_port = free_ports(2)
         self._proc: subprocess.Popen[bytes] | None = None
         self.start_seconds: float | None = None  # how long the last start() took, for the curious
 
@@ -190,9 +163,8 @@ class MinioServer(ServerLifecycle):
                "--console-address", f"127.0.0.1:{self.console_port}",
                "--certs-dir", str(self.base_dir / "certs"), "--quiet"]
         with open(self.log_path, "ab") as log:
-            in_main = threading.current_thread() is threading.main_thread()
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if in_main else None)
+                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent())
 
     def _wait_live(self, deadline: float) -> None:
         url = f"http://{self.endpoint}/minio/health/live"

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,14 @@ from typing import Any
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
+from tests.servers import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = ("comfyui", "consumer", "runner", "uploader", "watchdog")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
