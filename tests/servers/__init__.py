@@ -7,6 +7,7 @@ import ctypes
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -40,10 +41,20 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 class ServerLifecycle:
-    """restart/close/context manager for a server class that has start(), stop(), base_dir and _own_dir."""
+    """running/pid, restart/close and the context manager for a server class that has start(), stop(), its
+    process in _proc, base_dir and _own_dir."""
 
     base_dir: Path
     _own_dir: bool
+    _proc: subprocess.Popen[bytes] | None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc else None
 
     def start(self, *args: Any) -> None:
         raise NotImplementedError

@@ -110,14 +110,6 @@ class KafkaBroker(ServerLifecycle):
     def sasl_bootstrap(self) -> str:
         return f"127.0.0.1:{self.sasl_port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc else None
-
     def client_config(self, auth: Auth = "none", **extra: Any) -> dict[str, Any]:
         """librdkafka properties reaching this broker with the given authentication."""
         if auth == "none":

@@ -57,22 +57,14 @@ def kafka_libs() -> Path:
 
 @pytest.fixture(scope="session")
 def kafka_broker(kafka_libs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(kafka_libs, tmp_path_factory.mktemp("kafka"))
-    try:
-        broker.start()
+    with KafkaBroker(kafka_libs, tmp_path_factory.mktemp("kafka")) as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 @pytest.fixture
 def private_kafka_broker(kafka_libs: Path, tmp_path: Path) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(kafka_libs, tmp_path / "kafka")
-    try:
-        broker.start()
+    with KafkaBroker(kafka_libs, tmp_path / "kafka") as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 @pytest.fixture

@@ -77,22 +77,14 @@ def _drop_bucket(server: MinioServer, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def minio_server() -> Iterator[MinioServer]:
-    server = MinioServer()
-    try:
-        server.start()
+    with MinioServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def minio_private_server() -> Iterator[MinioServer]:
-    server = MinioServer()
-    try:
-        server.start()
+    with MinioServer() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

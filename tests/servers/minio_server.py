@@ -79,14 +79,6 @@ class MinioServer(ServerLifecycle):
     def region(self) -> str:
         return REGION
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc else None
-
     def client(self, access_key: str | None = None, secret_key: str | None = None) -> Minio:
         return Minio(self.endpoint, access_key=access_key or self.access_key,
                      secret_key=secret_key or self.secret_key, secure=False, region=REGION)
