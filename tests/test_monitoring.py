@@ -145,7 +145,95 @@ def dashboard_exprs() -> list[str]:
 def concrete(expr: str, node: str = "n1:9400") -> str:
     """A dashboard query with Grafana's variables filled in, as Prometheus receives it."""
     return (expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "1h")
-            .replace("${node:regex}", re.escape(node)).replace("$node", re.escape(node)))
+            .replace("$node", re.escape(node).replace("\\", "\\\\")))  # Grafana escapes regex and string
+
+
+def promtool_parses(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """PromQL parse + type check through promtool: each expression becomes a recording rule of a temp rule file."""
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:{re.sub(r'[^A-Za-z0-9_]', '_', k)}",
+                                                          "expr": e} for k, e in exprs.items()]}]}
+    path = tmp_path / "dashboard-exprs.yml"
+    path.write_text(yaml.safe_dump(rules))
+    return subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_every_dashboard_query_parses(tmp_path: Path) -> None:
+    exprs = {f"p{p['id']}_{t['refId']}": concrete(t["expr"]) for p in dashboard_panels() for t in p["targets"]}
+    assert len(exprs) >= 20
+    run = promtool_parses(exprs, tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in run.stdout
+    # The check itself catches a broken query.
+    bad = promtool_parses({"broken": 'sum by (code (rate(selfix_jobs_total[5m]))'}, tmp_path)
+    assert bad.returncode != 0, bad.stdout
+
+
+def test_dashboard_names_only_documented_metrics_and_filters_by_node() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    assert variables["node"]["type"] == "query" and variables["node"]["multi"] and variables["node"]["includeAll"]
+    assert "label_values(selfix_ready, instance)" in json.dumps(variables["node"]["query"])
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    used: set[str] = set()
+    for panel in dashboard_panels():
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = metric_names(expr)
+            unknown = names - set(BY_NAME)
+            assert names and not unknown, f"panel {panel['title']!r} names unknown metrics {unknown}: {expr}"
+            # every selector is narrowed to the chosen nodes
+            selectors = re.findall(r"\bselfix_[a-z0-9_]+(\{[^}]*\})?", expr)
+            assert all('instance=~"$node"' in sel for sel in selectors), f"{panel['title']!r}: {expr}"
+            used |= names
+    # The topics the dashboard is for: throughput, failures by code, queue, latency histograms, GPU, restarts.
+    topics = {"selfix_jobs_total", "selfix_job_retries_total", "selfix_spool_jobs",
+              "selfix_spool_oldest_inbox_age_seconds", "selfix_job_duration_seconds", "selfix_job_queue_seconds",
+              "selfix_job_generation_seconds", "selfix_gpu_memory_used_bytes", "selfix_gpu_memory_total_bytes",
+              "selfix_gpu_utilization_ratio", "selfix_gpu_temperature_celsius", "selfix_comfyui_restarts_total",
+              "selfix_process_restarts_total"}
+    assert topics <= used, f"no panel for {topics - used}"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_compose_monitoring_profile_is_provisioned_with_both_files() -> None:
+    from tests.test_deploy import COMPOSE, NODE, compose_model, node_environment, volume_mounts
+
+    services = compose_model(COMPOSE)["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name].get("profiles") == ["monitoring"], f"{name} must be optional (profile monitoring)"
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), services[name]["ports"]
+    assert all(not s.get("profiles") for n, s in services.items() if n not in {"prometheus", "grafana"})
+
+    def binds(service: str) -> dict[str, Path]:
+        out = {}
+        for m in volume_mounts(services[service]):
+            if str(m["source"]).startswith("./"):
+                assert m["read_only"], f"{service} mounts {m['source']} writable"
+                source = ROOT / m["source"]
+                assert source.exists(), f"{service} mounts {m['source']}, which does not exist"
+                out[m["target"]] = source
+        return out
+
+    prom = binds("prometheus")
+    config_target = next(a.split("=", 1)[1] for a in services["prometheus"]["command"] if a.startswith("--config"))
+    config = yaml.safe_load(prom[config_target].read_text())
+    rule_targets = [str(Path(config_target).parent / r) for r in config["rule_files"]]
+    assert [prom[t] for t in rule_targets] == [ALERTS]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "selfix")
+    port = node_environment(COMPOSE)["METRICS_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"{NODE}:{port}"]
+
+    graf = binds("grafana")
+    provisioning = graf["/etc/grafana/provisioning"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "selfix.yml").read_text())["providers"][0]
+    dashboards = {t: s for t, s in graf.items() if t.startswith(provider["options"]["path"].rstrip("/") + "/")}
+    assert list(dashboards.values()) == [DASHBOARD]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    assert source["url"] == f"http://prometheus:{services['prometheus']['ports'][0].rsplit(':', 1)[1]}"
 
 
 # --- a running node ---------------------------------------------------------------------------------------------
@@ -268,3 +356,20 @@ def test_real_prometheus_scrapes_the_node_and_returns_its_job_counts(node: Node,
     loaded = {r["name"]: r["health"] for g in groups for r in g["rules"]}
     assert set(loaded) == {r["alert"] for r in alert_rules()}
     assert set(loaded.values()) <= {"ok", "unknown"}, loaded
+
+
+@pytest.mark.e2e
+def test_every_dashboard_query_runs_on_a_real_prometheus(node: Node, prometheus: Prometheus) -> None:
+    instance = f"127.0.0.1:{node.env['METRICS_PORT']}"
+    wait_until(lambda: prometheus.query(f'count_over_time(up{{instance="{instance}"}}[1m]) >= 3'), 60,
+               "three scrapes of the node")
+    empty = []
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            if not prometheus.query(concrete(target["expr"], instance)):
+                empty.append(panel["title"])
+    # Panels over NVML-only metrics, or counters that did not move (retries, restarts), may be empty here;
+    # the core ones must show this node.
+    shown = {"Ready nodes", "Results per minute", "Spool", "Oldest job waiting in inbox/", "Latency quantiles",
+             "Failure rate by code", "Free disk", "ComfyUI RSS", "ComfyUI and NVML"}
+    assert not shown & set(empty), f"panels without data for a running node: {sorted(shown & set(empty))}"
