@@ -296,8 +296,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_loop(settings: Settings, args: argparse.Namespace) -> int:
+    from selfix.console import fetch_status
+
     while True:
-        snap = status_snapshot(settings)
+        # --json prints the watchdog's /api/status (what the web page shows); the spool is read where it is down.
+        snap = (fetch_status(settings) if args.json else None) or {"source": "spool", **status_snapshot(settings)}
         if args.json:
             print(json.dumps(snap), flush=True)
         else:

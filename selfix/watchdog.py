@@ -27,6 +27,7 @@ import psutil
 from aiohttp import web
 from loguru import logger
 
+from selfix import console
 from selfix import policies as pol
 from selfix.comfy import ComfyClient, ComfyUnavailable
 from selfix.gpu import GpuReading, Nvml, comfy_gpus, merge, nvml_error_text
@@ -421,6 +422,7 @@ class Watchdog:
         app.router.add_get("/metrics", self.http_metrics)
         app.router.add_get("/healthz", self.http_healthz)
         app.router.add_get("/readyz", self.http_readyz)
+        console.mount(app, self)  # `/` and `/api/status`: the operator's page (selfix/console.py)
         return app
 
     async def http_metrics(self, _request: web.Request) -> web.Response:

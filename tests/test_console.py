@@ -1,0 +1,183 @@
+"""The operator's console (selfix/console.py): the watchdog's `/` page and `/api/status`, on a whole node (the
+double), read by a real headless Chromium (Debian's `chromium` + `chromium-driver`, driven by Selenium).
+
+scripts/lib/install-chromium installs both where apt works; SELFIX_CHROMIUM / SELFIX_CHROMEDRIVER name them
+elsewhere. The browser tests skip, saying why, only where neither exists. Screenshots are written to the test's
+tmp dir (and to SELFIX_SCREENSHOT_DIR when set) and checked not to be blank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageStat
+
+from tests.servers.node_plugin import Node, task, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.watchdog]
+
+FAST = {"WATCHDOG_INTERVAL_S": "0.5", "DISK_FREE_FLOOR_GB": "0", "KAFKA_SASL_PASSWORD": "sekrit-never-shown"}
+PROMPT_TEXT = "a cat"  # what t2i_workflow's CLIPTextEncode says
+
+
+def get(node: Node, path: str) -> tuple[int, dict[str, str], bytes]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.env['METRICS_PORT']}{path}", timeout=10) as resp:
+        return int(resp.status), dict(resp.headers), resp.read()
+
+
+def api(node: Node) -> dict[str, Any]:
+    status, _, body = get(node, "/api/status")
+    assert status == 200
+    return dict(json.loads(body))
+
+
+def failing_task(task_id: str) -> dict[str, Any]:
+    bad = task(task_id)
+    bad["workflow"]["4"]["inputs"]["ckpt_name"] = "missing.safetensors"  # ComfyUI refuses it: invalid_workflow
+    return bad
+
+
+@pytest.fixture
+def node(make_node: Any) -> Node:
+    return make_node(seconds_per_step=0.15, env=FAST).start()  # type: ignore[no-any-return]
+
+
+def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> None:
+    node.drop("ok-1.json", task("ok-1", steps=2))
+    node.drop("bad-1.json", failing_task("bad-1"))
+    node.wait_results({"ok-1", "bad-1"})
+
+    def listed() -> dict[str, Any] | None:
+        doc = api(node)
+        ids = {r["taskId"] for r in doc["recentResults"]}
+        return doc if {"ok-1", "bad-1"} <= ids and doc["programs"] else None
+
+    doc = wait_until(listed, 30, "both results in /api/status")
+    assert doc["source"] == "watchdog" and doc["counts"]["done"] == 2
+    assert set(doc["programs"]) == {"comfyui", "consumer", "runner", "uploader", "watchdog"}
+    ok = next(r for r in doc["recentResults"] if r["taskId"] == "ok-1")
+    assert ok["status"] == "completed" and ok["totalTime"] > 0 and ok["images"] == 1
+    assert doc["recentFailures"][0]["taskId"] == "bad-1" and doc["recentFailures"][0]["code"] == "invalid_workflow"
+    assert doc["jobs"] == {"completed": 1, "failed": 1}
+    raw = json.dumps(doc)
+    for forbidden in ("sekrit-never-shown", PROMPT_TEXT, '"userId"', "imagePath", '"workflow"'):
+        assert forbidden not in raw, f"/api/status exposes {forbidden!r}"
+
+    status, headers, page = get(node, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    # Self-contained: no URL of another origin anywhere in the page.
+    assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"") and b"https://" not in page
+
+    # `selfix status --json` prints the same document.
+    out = subprocess.run([sys.executable, "-m", "selfix", "status", "--json"], env=node.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    assert cli["source"] == "watchdog" and set(cli) == set(doc)
+    assert {r["taskId"] for r in cli["recentResults"]} >= {"ok-1", "bad-1"}
+
+
+# --- the browser ---------------------------------------------------------------------------------------------------
+
+def executable(env: str, *names: str) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env]
+    return next((found for n in names if (found := shutil.which(n))), None)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    chromium = executable("SELFIX_CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+    driver_bin = executable("SELFIX_CHROMEDRIVER", "chromedriver")
+    if not chromium or not driver_bin:
+        pytest.skip("chromium and chromedriver not found: scripts/lib/install-chromium installs Debian's chromium "
+                    "and chromium-driver where apt works (or set SELFIX_CHROMIUM, SELFIX_CHROMEDRIVER)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1500", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_bin, log_output=str(tmp_path / "chromedriver.log")),
+                              options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot(driver: Any, path: Path) -> Path:
+    driver.save_screenshot(str(path))
+    if os.environ.get("SELFIX_SCREENSHOT_DIR"):
+        target = Path(os.environ["SELFIX_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    print(f"screenshot: {path}")
+    return path
+
+
+def assert_not_blank(path: Path) -> None:
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        colors = rgb.getcolors(maxcolors=1 << 20) or []
+        spread = ImageStat.Stat(rgb).stddev
+    assert rgb.size[0] >= 800 and rgb.size[1] >= 600, rgb.size
+    assert len(colors) > 50, f"{path.name}: only {len(colors)} colours, a blank page"
+    assert max(spread) > 10, f"{path.name}: no contrast ({spread})"
+
+
+def js(driver: Any, script: str) -> Any:
+    return driver.execute_script(script)
+
+
+@pytest.mark.browser
+def test_page_in_chromium_shows_progress_results_and_failures(node: Node, browser: Any, tmp_path: Path) -> None:
+    browser.get(f"http://127.0.0.1:{node.env['METRICS_PORT']}/")
+    wait_until(lambda: js(browser, "return document.querySelectorAll('[data-program]').length") == 5, 30,
+               "the five programs on the page")
+    assert "ready" in js(browser, "return document.getElementById('ready').textContent")
+
+    node.drop("slow-1.json", task("slow-1", steps=40))  # 40 steps × 0.15 s: six seconds of progress
+
+    def progress() -> int | None:
+        value = js(browser, "const f = document.querySelector('.job[data-task=\"slow-1\"] .fill');"
+                            "return f && Number(f.dataset.max) > 0 ? Number(f.dataset.value) : null;")
+        return None if value is None else int(value)
+
+    first = wait_until(lambda: (p := progress()) is not None and p >= 3 and p, 60, "slow-1's progress bar")
+    later = wait_until(lambda: (p := progress()) is not None and p > first + 3 and p, 30,
+                       f"the progress bar moving past {first} without a reload")
+    width = js(browser, "return document.querySelector('.job[data-task=\"slow-1\"] .fill').style.width")
+    assert 0 < float(width.rstrip("%")) < 100, width
+    mid = screenshot(browser, tmp_path / "console-mid-task.png")
+    assert later < 40
+
+    wait_until(lambda: js(browser, "return !!document.querySelector('#results tr[data-task=\"slow-1\"]"
+                                   "[data-status=\"completed\"]')"), 60, "slow-1 completed on the page")
+    node.drop("bad-1.json", failing_task("bad-1"))
+    code = wait_until(lambda: js(browser, "const c = document.querySelector('#failures tr[data-task=\"bad-1\"] "
+                                          "td.code'); return c && c.textContent;"), 60, "bad-1's failure on the page")
+    assert code == "invalid_workflow"
+    failed = screenshot(browser, tmp_path / "console-after-failure.png")
+    assert not js(browser, "return document.querySelector('.job[data-task=\"slow-1\"]')")  # gone from Running
+
+    # Nothing was loaded from anywhere but the node.
+    origin = f"http://127.0.0.1:{node.env['METRICS_PORT']}"
+    urls = js(browser, "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(u.startswith(origin) for u in urls), urls
+    for shot in (mid, failed):
+        assert_not_blank(shot)
+    with Image.open(mid) as a, Image.open(failed) as b:
+        assert a.convert("RGB").tobytes() != b.convert("RGB").tobytes()
