@@ -142,9 +142,24 @@ def js(driver: Any, script: str) -> Any:
     return driver.execute_script(script)
 
 
+def fake_vram(node: Node, used_fraction: float) -> None:
+    """The double's /system_stats then reports a CUDA device, which the watchdog reads as GPU 0 (source comfyui)."""
+    total = 24 << 30
+    body = json.dumps({"vram_total": total, "vram_free": int(total * (1 - used_fraction))}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{node.env['COMFY_PORT']}/fake/vram", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).close()
+
+
 @pytest.mark.browser
 def test_page_in_chromium_shows_progress_results_and_failures(node: Node, browser: Any, tmp_path: Path) -> None:
+    fake_vram(node, 0.3)
     browser.get(f"http://127.0.0.1:{node.env['METRICS_PORT']}/")
+    # The GPU's memory chart fills point by point, one per watchdog tick, without a reload.
+    wait_until(lambda: js(browser, "const l = document.querySelector('[data-gpu=\"0\"] svg polyline');"
+                                   "return l && l.getAttribute('points').split(' ').length >= 3;"), 30,
+               "GPU 0's memory chart with three points")
+    fake_vram(node, 0.6)
     wait_until(lambda: js(browser, "return document.querySelectorAll('[data-program]').length") == 5, 30,
                "the five programs on the page")
     assert "ready" in js(browser, "return document.getElementById('ready').textContent")
