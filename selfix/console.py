@@ -119,6 +119,7 @@ class Console:
     def __init__(self, wd: Watchdog) -> None:
         self.wd = wd
         self.hostname = socket.gethostname()
+        self.spool_id = spool_id(wd.settings.spool_dir)
         self.history = GpuHistory()
         self.results: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self.failures: deque[dict[str, Any]] = deque(maxlen=RECENT)
@@ -175,7 +176,8 @@ class Console:
             totals[state] = totals.get(state, 0) + n
         status, running = await asyncio.to_thread(self.read_files, wd.jobs.known, now)
         doc = {
-            "source": "watchdog", "at": round(now, 3), "node": self.hostname, "ready": v.ready,
+            "source": "watchdog", "spoolId": self.spool_id, "at": round(now, 3), "node": self.hostname,
+            "ready": v.ready,
             "programs": None if v.programs is None else {n: p.state for n, p in sorted(v.programs.items())},
             "comfyui": {"up": v.comfy_up, "rssBytes": v.comfy_rss, "running": v.queue_running,
                         "pending": v.queue_pending},
@@ -237,12 +239,24 @@ def api_url(settings: Settings) -> str:
     return f"http://{host}:{settings.metrics_port}{API_PATH}"
 
 
+def spool_id(path: Path) -> str | None:
+    """Names a spool without its path: the watchdog that answers must be the one of the spool the caller means."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def fetch_status(settings: Settings, timeout: float = 2.0) -> dict[str, Any] | None:
-    """The watchdog's /api/status document, or None where it does not answer (then the caller reads the spool)."""
+    """The watchdog's /api/status document, or None where it does not answer, or where the watchdog on that port
+    watches another spool (then the caller reads the spool)."""
     try:
         with urllib.request.urlopen(api_url(settings), timeout=timeout) as resp:
             doc = json.loads(resp.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None
-    return doc if isinstance(doc, dict) and doc.get("source") == "watchdog" else None
+    if not isinstance(doc, dict) or doc.get("source") != "watchdog":
+        return None
+    return doc if doc.get("spoolId") == spool_id(settings.spool_dir) else None
 

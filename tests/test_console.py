@@ -85,6 +85,12 @@ def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> N
     cli = json.loads(out.stdout)
     assert cli["source"] == "watchdog" and set(cli) == set(doc)
     assert {r["taskId"] for r in cli["recentResults"]} >= {"ok-1", "bad-1"}
+    # A watchdog on that port that watches another spool is not taken for this one's: the spool is read instead.
+    other = {**node.env, "SPOOL_DIR": str(node.root / "other-spool")}
+    out = subprocess.run([sys.executable, "-m", "selfix", "status", "--json"], env=other, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["source"] == "spool"
 
 
 # --- the browser ---------------------------------------------------------------------------------------------------
