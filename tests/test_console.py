@@ -202,3 +202,45 @@ def test_page_in_chromium_shows_progress_results_and_failures(node: Node, browse
         assert_not_blank(shot)
     with Image.open(mid) as a, Image.open(failed) as b:
         assert a.convert("RGB").tobytes() != b.convert("RGB").tobytes()
+
+
+# --- the pure parts ------------------------------------------------------------------------------------------------
+
+def test_result_summary_keeps_timings_and_codes_only() -> None:
+    from selfix.console import MESSAGE_MAX, result_summary
+
+    done = {"taskId": "t", "userId": "u-secret", "status": "completed", "imagePaths": ["users/u/images/t-0.png"],
+            "metadata": {"generationTime": 1.5, "queueTime": 0.2, "totalTime": 2.0, "attempts": 1, "promptId": "p"}}
+    s = result_summary("t", done, 100.0)
+    assert s == {"taskId": "t", "status": "completed", "at": 100.0, "totalTime": 2.0, "generationTime": 1.5,
+                 "queueTime": 0.2, "attempts": 1.0, "images": 1}
+    failed = {"taskId": "f", "status": "failed", "error": {"code": "timeout", "message": "m" * 1000},
+              "metadata": "not a dict"}
+    s = result_summary("f", failed, 1.0)
+    assert s["code"] == "timeout" and len(s["message"]) == MESSAGE_MAX and s["totalTime"] is None
+
+
+def test_running_jobs_leave_the_workflow_out(tmp_path: Path) -> None:
+    from selfix.console import running_jobs
+
+    job = {"taskId": "t", "state": "running", "attempt": 2, "startedAt": 90.0, "userId": "u",
+           "progress": {"value": 3, "max": 10, "node": "3", "extra": "x"},
+           "workflow": {"6": {"inputs": {"text": PROMPT_TEXT}}}}
+    (tmp_path / "t.json").write_text(json.dumps(job))
+    (tmp_path / "broken.json").write_text("{")
+    jobs = running_jobs(sorted(tmp_path.glob("*.json")), 100.0)
+    assert jobs == [{"taskId": "t", "state": "running", "attempt": 2, "progress": {"value": 3, "max": 10, "node": "3"},
+                     "startedAt": 90.0, "elapsedS": 10.0}]
+
+
+def test_gpu_history_keeps_ten_minutes() -> None:
+    from selfix.console import HISTORY_S, GpuHistory
+    from selfix.gpu import GpuReading
+
+    history = GpuHistory()
+    for t in range(0, 1200, 5):
+        history.add(float(t), [GpuReading(index=0, name="g", memory_used=t, memory_total=100, source="nvml",
+                                          utilization=0.5, temperature_c=60.0)])
+    dump = history.dump()["0"]
+    assert dump["memTotal"] == 100 and dump["t"][-1] == 1195.0
+    assert dump["t"][0] >= 1195.0 - HISTORY_S and len(dump["t"]) == len(dump["memUsed"]) == len(dump["util"])

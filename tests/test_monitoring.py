@@ -25,6 +25,7 @@ import yaml
 
 from selfix.metrics import BY_NAME
 from tests.servers.node_plugin import Node, free_port, task, wait_until
+from tests.test_console import fake_vram
 
 pytestmark = pytest.mark.monitoring
 
@@ -245,6 +246,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
              env={"WATCHDOG_INTERVAL_S": "0.2", "DISK_FREE_FLOOR_GB": "0"})
     try:
         n.start()
+        fake_vram(n, 0.4)  # the double reports a CUDA device: the GPU families are exposed (and linted) too
         bad = task("bad-1")
         bad["workflow"]["4"]["inputs"]["ckpt_name"] = "missing.safetensors"  # ComfyUI refuses it: invalid_workflow
         for tid, msg in (("ok-1", task("ok-1")), ("ok-2", task("ok-2")), ("bad-1", bad)):
@@ -272,12 +274,14 @@ def job_counts(n: Node) -> dict[tuple[str, str], int]:
 @pytest.mark.e2e
 def test_live_metrics_pass_promtool_check_metrics(node: Node) -> None:
     promtool = tool("promtool")
-    wait_until(lambda: 'selfix_jobs_total{code="invalid_workflow"' in scrape(node), 30, "failed job in /metrics")
+    wait_until(lambda: all(s in scrape(node) for s in ('selfix_jobs_total{code="invalid_workflow"',
+                                                      "selfix_gpu_memory_used_bytes{")),
+               30, "the failed job and the GPU in /metrics")
     body = scrape(node)
     run = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, f"promtool check metrics:\n{run.stdout}{run.stderr}"
     exposed = {s.split("{")[0].split(" ")[0] for s in body.splitlines() if s.startswith("selfix_")}
-    assert "selfix_jobs_total" in exposed and "selfix_ready" in exposed
+    assert {"selfix_jobs_total", "selfix_ready", "selfix_gpu_memory_used_bytes", "selfix_gpu_info"} <= exposed
 
 
 class Prometheus:
@@ -371,5 +375,5 @@ def test_every_dashboard_query_runs_on_a_real_prometheus(node: Node, prometheus:
     # Panels over NVML-only metrics, or counters that did not move (retries, restarts), may be empty here;
     # the core ones must show this node.
     shown = {"Ready nodes", "Results per minute", "Spool", "Oldest job waiting in inbox/", "Latency quantiles",
-             "Failure rate by code", "Free disk", "ComfyUI RSS", "ComfyUI and NVML"}
+             "Failure rate by code", "Free disk", "ComfyUI RSS", "ComfyUI and NVML", "GPUs", "GPU memory used"}
     assert not shown & set(empty), f"panels without data for a running node: {sorted(shown & set(empty))}"
