@@ -43,11 +43,12 @@ def _settings() -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _node_settings(command: str) -> Settings:
-    """Settings of a command that IS the node (up, its programs, comfyui). Outside the container, a node started
-    without SELFIX_HOME would create /app/...: refuse and name the variable instead."""
+def _node_settings(command: str, only: frozenset[str] | None = None) -> Settings:
+    """Settings of a command that IS the node (up, comfyui, a program). Outside the container, a node started
+    without SELFIX_HOME would create /app/...: refuse and name the variable instead. A program checks `only` its
+    spool: under `selfix up` it inherits settings that up has checked whole."""
     settings = _settings()
-    implicit = implicit_home_paths(os.environ)
+    implicit = [name for name in implicit_home_paths(os.environ) if only is None or name in only]
     if implicit and not (settings.selfix_home / "spool").is_dir():
         print(f"selfix {command}: SELFIX_HOME is not set and {settings.selfix_home} holds no node here (it is the "
               f"container's home), so {', '.join(implicit)} would be created under it.\n"
@@ -717,7 +718,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def _process(name: str) -> Callable[[argparse.Namespace], int]:
     def run(_args: argparse.Namespace) -> int:
-        _node_settings(name)
+        _node_settings(name, only=frozenset({"SPOOL_DIR"}))
         module = __import__(f"selfix.{name}", fromlist=["main"])
         return int(module.main())
 
