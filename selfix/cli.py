@@ -222,7 +222,7 @@ def comfy_argv(settings: Settings) -> list[str]:
         raise SettingsError(
             "no ComfyUI configured: set COMFYUI_DIR to a ComfyUI checkout (the folder with main.py), e.g. "
             "`git clone https://github.com/comfyanonymous/ComfyUI && COMFYUI_DIR=$PWD/ComfyUI ./scripts/run`, "
-            "or run scripts/install-comfyui; or set COMFY_COMMAND")
+            "or run scripts/install-comfyui; or set COMFY_COMMAND (`./scripts/run --double` starts the test double)")
     main_py = settings.comfyui_dir / "main.py"
     if not main_py.exists():
         raise SettingsError(f"COMFYUI_DIR={settings.comfyui_dir}: no main.py there; point it at a ComfyUI checkout")
@@ -705,7 +705,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     view = view_node(args.spool)
     print(describe_node(view))
     if not view.exists:
-        print(missing_spool_message(view, "settings").split("\n", 1)[1].strip(), file=sys.stderr)
+        print(missing_spool_message(view, "settings"), file=sys.stderr)
     for line in _ignored_lines(view):
         print(line)
     origin = "the node's" if view.record else "set"
