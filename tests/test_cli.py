@@ -126,6 +126,7 @@ def test_commands_beside_a_node_use_the_settings_it_recorded(tmp_path: Path) -> 
     assert "FAIL comfyui: http://127.0.0.1:1 " in out.stdout
     assert "note: this shell sets COMFY_PORT=2, which the node does not run with" in out.stdout
     assert "settings from its run/node.json" in out.stdout.splitlines()[0]
+    assert "note: the node runs with S3_SECRET_KEY set" in out.stdout and "hunter2-secret" not in out.stdout
 
 
 def test_merge_record_keeps_the_node_values_and_takes_masked_secrets_from_the_shell(tmp_path: Path) -> None:

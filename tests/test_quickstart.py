@@ -106,6 +106,7 @@ def test_the_readme_quickstart_as_written_gives_a_completed_result_and_its_image
     assert f"var/store/{result['imagePath']}" in "\n".join(client_lines), "the README names where the image lands"
     submit, status, doctor = outputs[:3]
     assert f"image: {image}" in submit
+    assert status.startswith(f"node: spool {clone / 'var' / 'spool'} (the checkout's var/"), status
     assert "runner RUNNING" in status and "done 1" in status, status
     # The client shell has no COMFY_PORT: doctor reports the port the running node was started with.
     assert f"COMFY_PORT={ports['COMFY_PORT']}" in doctor and "settings from its run/node.json" in doctor, doctor
