@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers.node_plugin import Node, free_port, task, wait_until
+from tests.servers.node_plugin import Node, free_port, task, wait_until, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -133,6 +133,28 @@ def test_submit_wait_shows_the_progress_then_the_result_and_fails_with_the_task(
                             env=clean_environment(tmp_path))
     assert failed.returncode == 1, failed
     assert "wait-2: failed: invalid_workflow" in failed.stdout
+
+
+@pytest.mark.e2e
+def test_every_example_completes_on_a_fresh_node_given_what_examples_readme_names(
+        make_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = make_node(seconds_per_step=0.01)
+    # examples/README.md: the template's checkpoint in MODELS_DIR, the LoRA in the store under the user's prefix.
+    write_safetensors(Path(node.env["MODELS_DIR"]) / "checkpoints" / "v1-5-pruned-emaonly.safetensors")
+    write_safetensors(node.store / "users" / "demo" / "models" / "style.safetensors")
+    node.start()
+    examples = sorted((ROOT / "examples").glob("*.json"))
+    assert {p.name for p in examples} == {"demo.json", "input-image.json", "txt2img-lora.json"}
+    out = subprocess.run([sys.executable, "-m", "selfix", "submit", "--wait", "--spool", node.env["SPOOL_DIR"],
+                          *map(str, examples)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=clean_environment(tmp_path))
+    assert out.returncode == 0, out
+    for example in examples:
+        task_id = json.loads(example.read_text())["taskId"]
+        result = node.results()[task_id]
+        assert result["status"] == "completed", result
+        assert (node.store / result["imagePath"]).read_bytes()[:8] == PNG_MAGIC
+        assert f"image: {node.store / result['imagePath']}" in out.stdout
 
 
 NO_SETTINGS_COMMANDS = [
