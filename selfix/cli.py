@@ -99,15 +99,17 @@ class NodeView:
     def running(self) -> bool | None:
         """Whether the process that wrote the record (`selfix up`, then supervisord: one pid) is alive."""
         pid = (self.record or {}).get("pid")
-        if not isinstance(pid, int):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return _alive(pid) if isinstance(pid, int) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 def locate(environ: Mapping[str, str], cwd: Path, spool_flag: Path | None) -> tuple[dict[str, str], str]:
@@ -559,16 +561,6 @@ def node_ready(settings: Settings) -> bool:
             return int(resp.status) == 200
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wait_ready(settings: Settings, timeout: float, while_pid: int | None = None) -> int:
