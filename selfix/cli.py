@@ -551,29 +551,39 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
-def node_ready(settings: Settings) -> bool:
-    """The watchdog's /readyz answers 200: ComfyUI answers, the spool is writable, disk and GPU are fine."""
+def readiness(settings: Settings) -> tuple[bool, str]:
+    """The watchdog's /readyz: (True, "") when the node takes work (ComfyUI answers, the spool is writable, disk
+    and GPU are fine), else (False, what fails)."""
+    import urllib.error
     import urllib.request
 
     host = "127.0.0.1" if settings.metrics_host in ("", "0.0.0.0", "::") else settings.metrics_host
+    url = f"http://{host}:{settings.metrics_port}/readyz"
     try:
-        with urllib.request.urlopen(f"http://{host}:{settings.metrics_port}/readyz", timeout=2) as resp:
-            return int(resp.status) == 200
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status) == 200, ""
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError, OSError):
+            return False, "failing: " + ", ".join(map(str, json.loads(exc.read()).get("failing") or ["?"]))
+        return False, f"{url} answers {exc.code}"
     except OSError:
-        return False
+        return False, f"the watchdog does not answer on {url}"
 
 
 def wait_ready(settings: Settings, timeout: float, while_pid: int | None = None) -> int:
-    """`status --wait-ready S`: 0 once the node can take work, 1 after S seconds or once `while_pid` is gone
-    (./scripts/run passes its own pid, so the wait ends with the node)."""
+    """`status --wait-ready S`: 0 once the node takes work; 1 after S seconds (saying what fails), or once
+    `while_pid` is gone (./scripts/run passes its own pid, so the wait ends with the node)."""
     deadline = time.monotonic() + timeout
+    detail = ""
     while time.monotonic() < deadline:
-        if node_ready(settings):
+        ready, detail = readiness(settings)
+        if ready:
             return 0
         if while_pid is not None and not _alive(while_pid):
             return 1
         time.sleep(0.5)
-    print(f"selfix status: the node on {settings.spool_dir} is not ready after {timeout:g}s", file=sys.stderr)
+    print(f"selfix status: the node on {settings.spool_dir} is not ready after {timeout:g}s ({detail})",
+          file=sys.stderr)
     return 1
 
 

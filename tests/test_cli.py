@@ -145,3 +145,9 @@ def test_a_node_program_without_selfix_home_refuses_to_create_the_container_tree
     out = subprocess.run([sys.executable, "-m", "selfix", "runner"], cwd=tmp_path, env=shell, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 78 and "SELFIX_HOME is not set" in out.stderr and "SPOOL_DIR" in out.stderr, out
+
+
+def test_wait_ready_says_what_fails_when_the_node_never_takes_work(env: dict[str, str]) -> None:
+    out = run(["status", "--wait-ready", "1"], {**env, "METRICS_PORT": "1"})
+    assert out.returncode == 1, out
+    assert "not ready after 1s (the watchdog does not answer on http://127.0.0.1:1/readyz)" in out.stderr
