@@ -291,9 +291,13 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 # --- submit --------------------------------------------------------------------------------------------
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from loguru import logger
+
     from selfix.intake import accept, limits_of
     from selfix.templates import Catalog
 
+    logger.remove()  # intake's log lines say what this command prints anyway; keep only real errors
+    logger.add(sys.stderr, level="ERROR", format="selfix submit: {message}")
     view = view_node(args.spool)
     require_spool(view, "submit")
     settings, spool = view.settings, view.spool
