@@ -115,7 +115,7 @@ def test_a_command_without_a_spool_names_what_to_set_and_creates_nothing(command
 def test_commands_beside_a_node_use_the_settings_it_recorded(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool").ensure()
     node_env = {"SPOOL_DIR": str(spool.root), "COMFY_COMMAND": "true", "COMFY_PORT": "1",
-                "STORE_DIR": str(tmp_path / "store"), "S3_SECRET_KEY": "hunter2-secret", "HOME": "/root"}
+                "STORE_DIR": str(tmp_path / "store"), "S3_SECRET_KEY": "hunter2-secret", "HOME": "/home/someone"}
     record = node_record(node_env)
     assert b"hunter2-secret" not in record and b"HOME" not in record
     spool.write_run_file("node.json", record)
