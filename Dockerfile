@@ -57,6 +57,7 @@ RUN /opt/selfix/bin/pip install --no-cache-dir --disable-pip-version-check --no-
         /opt/selfix-build/src \
     && rm -rf /opt/selfix-build/src
 
+# SELFIX_HOME defaults to /app (selfix/settings.py): every data directory below is a folder of it.
 # Settings that differ from selfix's defaults, plus SPOOL_DIR and COMFY_LOG_DIR, which conf/supervisord.conf reads
 # from the environment: `docker exec ... supervisorctl -c /app/conf/supervisord.conf status` works as is.
 ENV PATH=/opt/selfix/bin:$PATH \

@@ -10,14 +10,29 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
-from selfix.settings import EXIT_CONFIG, Settings, SettingsError, load
+from selfix.settings import (
+    CONTAINER_HOME,
+    EXIT_CONFIG,
+    SPECS,
+    Settings,
+    SettingsError,
+    default_of,
+    implicit_home_paths,
+    known_variables,
+    load,
+)
 from selfix.spool import Spool
 
 PROCESSES = ("consumer", "runner", "uploader", "watchdog")
+NODE_RECORD = "node.json"  # run/node.json: the variables `selfix up` was started with, secrets masked
+MASK = "***"
+LOCATORS = ("SPOOL_DIR", "SELFIX_HOME")  # the variables that say which node a command acts on
+SECRETS = frozenset(spec.env for spec in SPECS if spec.secret)
 
 
 def _settings() -> Settings:
@@ -26,6 +41,153 @@ def _settings() -> Settings:
     except SettingsError as exc:
         print(f"selfix: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+
+
+def _node_settings(command: str, only: frozenset[str] | None = None) -> Settings:
+    """Settings of a command that IS the node (up, comfyui, a program). Outside the container, a node started
+    without SELFIX_HOME would create /app/...: refuse and name the variable instead. A program checks `only` its
+    spool: under `selfix up` it inherits settings that up has checked whole."""
+    settings = _settings()
+    implicit = [name for name in implicit_home_paths(os.environ) if only is None or name in only]
+    if implicit and not (settings.selfix_home / "spool").is_dir():
+        print(f"selfix {command}: SELFIX_HOME is not set and {settings.selfix_home} holds no node here (it is the "
+              f"container's home), so {', '.join(implicit)} would be created under it.\n"
+              "  Set SELFIX_HOME to the node's directory (./scripts/run sets the checkout's var/), "
+              "or set each of those variables.", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return settings
+
+
+# --- which node: the commands run beside a node (submit, status, doctor, ctl, settings) -----------------
+
+def find_checkout(start: Path) -> Path | None:
+    """The selfix checkout `start` lies in (scripts/run beside the package), found the way git finds .git."""
+    for d in (start, *start.parents):
+        if (d / "scripts" / "run").is_file() and (d / "selfix" / "settings.py").is_file():
+            return d
+    return None
+
+
+def node_record(environ: Mapping[str, str], now: float | None = None) -> bytes:
+    """run/node.json as `selfix up` writes it: the selfix variables the node runs with, secrets masked."""
+    env = {k: (MASK if k in SECRETS and v else v) for k, v in sorted(environ.items()) if k in known_variables()}
+    started = time.time() if now is None else now
+    return json.dumps({"pid": os.getpid(), "startedAt": started, "env": env}, indent=1).encode()
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """The node a command run beside it acts on: its settings (from its run/node.json where it has one), how its
+    spool was found, and what this shell sets that the node does not run with."""
+
+    settings: Settings
+    found_by: str
+    record: dict[str, Any] | None
+    ignored: dict[str, str]
+    given: frozenset[str]  # the variables set (by the node's record, or this shell), not left to their default
+    missing_secrets: tuple[str, ...] = ()  # set on the node, masked in its record, and not set in this shell
+
+    @property
+    def spool(self) -> Spool:
+        return Spool(self.settings.spool_dir)
+
+    @property
+    def exists(self) -> bool:
+        return (self.settings.spool_dir / "inbox").is_dir()
+
+    @property
+    def running(self) -> bool | None:
+        """Whether the process that wrote the record (`selfix up`, then supervisord: one pid) is alive."""
+        pid = (self.record or {}).get("pid")
+        return _alive(pid) if isinstance(pid, int) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def locate(environ: Mapping[str, str], cwd: Path, spool_flag: Path | None) -> tuple[dict[str, str], str]:
+    """This shell's selfix variables plus where the node is: --spool, SPOOL_DIR, SELFIX_HOME, the checkout's
+    var/ (./scripts/run's home) when run inside a checkout, else the container's /app."""
+    env = {k: v for k, v in environ.items() if k in known_variables()}
+    if spool_flag is not None:
+        env["SPOOL_DIR"] = str(spool_flag.resolve())
+        return env, "from --spool"
+    if "SPOOL_DIR" in env:
+        return env, "from SPOOL_DIR"
+    if "SELFIX_HOME" in env:
+        return env, "from SELFIX_HOME"
+    checkout = find_checkout(cwd)
+    if checkout is not None:
+        env["SELFIX_HOME"] = str(checkout / "var")
+        return env, "the checkout's var/, SELFIX_HOME not set"
+    return env, f"SELFIX_HOME not set: the container's {CONTAINER_HOME}"
+
+
+def merge_record(shell: dict[str, str], node: Mapping[str, str], spool_dir: Path) -> tuple[dict[str, str],
+                                                                                           dict[str, str], list[str]]:
+    """The node's variables win (the command acts on the running node); secrets, which the record masks, come
+    from this shell. Returns (environment to load, this shell's values the node does not use, secrets missing)."""
+    env = {k: v for k, v in node.items() if k in known_variables() and v != MASK}
+    missing = []
+    for name in sorted(SECRETS):
+        if node.get(name) == MASK:
+            if name in shell:
+                env[name] = shell[name]
+            else:
+                missing.append(name)
+    env["SPOOL_DIR"] = str(spool_dir)
+    home = env.get("SELFIX_HOME", CONTAINER_HOME)
+    specs = {spec.env: spec for spec in SPECS}
+    ignored = {k: v for k, v in shell.items()
+               if k not in LOCATORS and k not in SECRETS and env.get(k, default_of(specs[k], home)) != v}
+    return env, ignored, missing
+
+
+def read_record(spool_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((spool_dir / "run" / NODE_RECORD).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("env"), dict) else None
+
+
+def view_node(spool_flag: Path | None = None, environ: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> NodeView:
+    """The node this command acts on; a bad setting exits 78 with the variable named, never a traceback."""
+    shell, found_by = locate(os.environ if environ is None else environ, cwd or Path.cwd(), spool_flag)
+    try:
+        spool_dir = load(shell).spool_dir
+        record = read_record(spool_dir)
+        if record is None:
+            return NodeView(load(shell), found_by, None, {}, frozenset(shell))
+        env, ignored, missing = merge_record(shell, record["env"], spool_dir)
+        # submit, status and ctl need no secret; a stand-in keeps the cross-checks of load() content, and doctor
+        # says that its Kafka/S3 checks could not use the real one.
+        env.update({name: MASK for name in missing})
+        return NodeView(load(env), found_by, record, ignored, frozenset(record["env"]), tuple(missing))
+    except SettingsError as exc:
+        print(f"selfix: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def missing_spool_message(view: NodeView, command: str) -> str:
+    return (f"selfix {command}: no node spool at {view.settings.spool_dir} ({view.found_by}).\n"
+            "  Start a node first (./scripts/run in a checkout; the container starts its own), or name the node's "
+            "spool: --spool DIR, SPOOL_DIR=DIR, or SELFIX_HOME=DIR (whose spool is DIR/spool).")
+
+
+def require_spool(view: NodeView, command: str) -> None:
+    """A command never creates a spool: without one there is no node to act on, so say what to set."""
+    if not view.exists:
+        print(missing_spool_message(view, command), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
 
 
 def default_conf() -> Path:
@@ -61,7 +223,7 @@ def comfy_argv(settings: Settings) -> list[str]:
         raise SettingsError(
             "no ComfyUI configured: set COMFYUI_DIR to a ComfyUI checkout (the folder with main.py), e.g. "
             "`git clone https://github.com/comfyanonymous/ComfyUI && COMFYUI_DIR=$PWD/ComfyUI ./scripts/run`, "
-            "or run scripts/install-comfyui; or set COMFY_COMMAND")
+            "or run scripts/install-comfyui; or set COMFY_COMMAND (`./scripts/run --double` starts the test double)")
     main_py = settings.comfyui_dir / "main.py"
     if not main_py.exists():
         raise SettingsError(f"COMFYUI_DIR={settings.comfyui_dir}: no main.py there; point it at a ComfyUI checkout")
@@ -74,7 +236,7 @@ def comfy_argv(settings: Settings) -> list[str]:
 
 
 def cmd_comfyui(_args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _node_settings("comfyui")
     try:
         argv = comfy_argv(settings)
     except SettingsError as exc:
@@ -95,6 +257,7 @@ def prepare_node(settings: Settings) -> Spool:
     if not settings.s3_enabled:
         settings.store_dir.mkdir(parents=True, exist_ok=True)
     spool.write_run_file("extra_model_paths.yaml", extra_model_paths(settings).encode())
+    spool.write_run_file(NODE_RECORD, node_record(os.environ))  # what `selfix status/doctor/...` beside it read
     return spool
 
 
@@ -108,7 +271,7 @@ def _exec_supervisor_tool(tool: str, settings: Settings, args: list[str]) -> NoR
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _node_settings("up")
     try:
         comfy_argv(settings)
     except SettingsError as exc:
@@ -120,21 +283,34 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    _exec_supervisor_tool("supervisorctl", _settings(), ["-c", str(args.conf), *args.rest])
+    view = view_node(args.spool)
+    require_spool(view, "ctl")
+    _exec_supervisor_tool("supervisorctl", view.settings, ["-c", str(args.conf), *args.rest])
 
 
 # --- submit --------------------------------------------------------------------------------------------
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from loguru import logger
+
     from selfix.intake import accept, limits_of
     from selfix.templates import Catalog
 
-    settings = _settings()
-    spool = Spool(settings.spool_dir).ensure()
+    logger.remove()  # intake's log lines say what this command prints anyway; keep only real errors
+    logger.add(sys.stderr, level="ERROR", format="selfix submit: {message}")
+    view = view_node(args.spool)
+    require_spool(view, "submit")
+    settings, spool = view.settings, view.spool
     catalog, limits = Catalog.load(settings.templates_dir), limits_of(settings)
     worst = 0
+    waiting: list[str] = []
     for name in args.files:
-        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        try:
+            raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        except OSError as exc:
+            print(f"{name}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            worst = 2
+            continue
         outcome = accept(spool, raw, limits, catalog, source={"file": Path(name).name})
         if outcome.kind == "unaddressable":
             where = spool.quarantine_bytes(raw, Path(name).name, outcome.detail)
@@ -145,9 +321,90 @@ def cmd_submit(args: argparse.Namespace) -> int:
             worst = 2
         elif outcome.kind == "duplicate":
             print(f"{outcome.task_id}: duplicate, {outcome.detail}")
+            waiting.append(str(outcome.task_id))
         else:
-            print(outcome.task_id)
+            print(outcome.task_id, flush=True)
+            waiting.append(str(outcome.task_id))
+    if args.wait and waiting:
+        try:
+            worst = max(worst, wait_for_results(settings, waiting, args.timeout))
+        except KeyboardInterrupt:
+            print("\nstopped waiting; the node goes on with the task (`selfix status` shows it)", file=sys.stderr)
+            return 130
     return worst
+
+
+def progress_line(spool: Spool, task_id: str) -> str:
+    """One line on where a task is: queued, running in ComfyUI with its progress bar, or being published."""
+    state = spool.state_of(task_id)
+    if state == "processing":
+        try:
+            job = json.loads(spool.processing_path(task_id).read_bytes())
+        except (OSError, ValueError):
+            return f"{task_id}: running"
+        bar = _bar(job.get("progress"))
+        doing = "running" if bar else {"claimed": "preparing (LoRAs, input images)"}.get(job.get("state"), "in ComfyUI")
+        return f"{task_id}: {doing} {bar}".rstrip()
+    if state == "outbox":
+        return f"{task_id}: publishing the result"
+    return f"{task_id}: {'queued in inbox/' if state == 'inbox' else state or 'unknown'}"
+
+
+def image_locations(settings: Settings, result: dict[str, Any]) -> list[str]:
+    """Where a result's images are: files of the local store, or s3:// URLs of the bucket."""
+    keys = [k for k in result.get("imagePaths") or [] if isinstance(k, str)]
+    if settings.s3_enabled:
+        return [f"s3://{settings.s3_bucket}/{key}" for key in keys]
+    return [str(settings.store_dir / key) for key in keys]
+
+
+def wait_for_results(settings: Settings, task_ids: list[str], timeout: float, out: TextIO | None = None,
+                     poll_s: float = 0.2) -> int:
+    """Follow the tasks until their results are published (done/): progress on one line (redrawn on a terminal,
+    one line per change otherwise), then each result and its images. 0 all completed, 1 one failed, 3 timed out."""
+    stream = out or sys.stdout
+    tty = stream.isatty()
+    spool = Spool(settings.spool_dir)
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    pending, shown, code, warned = list(task_ids), "", 0, False
+    while pending:
+        result = spool.read_done(pending[0])
+        if result is not None:
+            if tty and shown:
+                stream.write("\r\033[K")
+            shown = ""
+            code = max(code, _print_result(settings, result, stream))
+            pending.pop(0)
+            continue
+        line = progress_line(spool, pending[0])
+        if line != shown:
+            stream.write(f"\r\033[K{line}" if tty else f"{line}\n")
+            stream.flush()
+            shown = line
+        age = spool.heartbeat_age("runner")
+        if not warned and (age is None or age > settings.heartbeat_stale_s):
+            print(f"selfix submit: no runner is working on {settings.spool_dir} (no recent heartbeat); the task "
+                  "waits in inbox/ until the node runs (./scripts/run). Ctrl-C stops waiting.", file=sys.stderr)
+            warned = True
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"\nselfix submit: no result after {timeout:g}s for {', '.join(pending)}; the node goes on "
+                  "with them (`selfix status`)", file=sys.stderr)
+            return 3
+        time.sleep(poll_s)
+    return code
+
+
+def _print_result(settings: Settings, result: dict[str, Any], stream: TextIO) -> int:
+    stream.write(json.dumps(result, indent=2) + "\n")
+    for where in image_locations(settings, result):
+        stream.write(f"image: {where}\n")
+    if result.get("status") != "completed":
+        error = result.get("error") or {}
+        stream.write(f"{result.get('taskId')}: failed: {error.get('code')}: {error.get('message', '')}\n")
+        stream.flush()
+        return 1
+    stream.flush()
+    return 0
 
 
 # --- status --------------------------------------------------------------------------------------------
@@ -288,14 +545,53 @@ def render_status(snap: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings()
+    view = view_node(args.spool)
     try:
-        return _status_loop(settings, args)
+        if args.wait_ready:
+            return wait_ready(view.settings, args.wait_ready, args.while_pid)
+        require_spool(view, "status")
+        return _status_loop(view.settings, args, describe_node(view))
     except KeyboardInterrupt:
         return 0
 
 
-def _status_loop(settings: Settings, args: argparse.Namespace) -> int:
+def readiness(settings: Settings) -> tuple[bool, str]:
+    """The watchdog's /readyz: (True, "") when the node takes work (ComfyUI answers, the spool is writable, disk
+    and GPU are fine), else (False, what fails)."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if settings.metrics_host in ("", "0.0.0.0", "::") else settings.metrics_host
+    url = f"http://{host}:{settings.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status) == 200, ""
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError, OSError):
+            return False, "failing: " + ", ".join(map(str, json.loads(exc.read()).get("failing") or ["?"]))
+        return False, f"{url} answers {exc.code}"
+    except OSError:
+        return False, f"the watchdog does not answer on {url}"
+
+
+def wait_ready(settings: Settings, timeout: float, while_pid: int | None = None) -> int:
+    """`status --wait-ready S`: 0 once the node takes work; 1 after S seconds (saying what fails), or once
+    `while_pid` is gone (./scripts/run passes its own pid, so the wait ends with the node)."""
+    deadline = time.monotonic() + timeout
+    detail = ""
+    while time.monotonic() < deadline:
+        ready, detail = readiness(settings)
+        if ready:
+            return 0
+        if while_pid is not None and not _alive(while_pid):
+            return 1
+        time.sleep(0.5)
+    print(f"selfix status: the node on {settings.spool_dir} is not ready after {timeout:g}s ({detail})",
+          file=sys.stderr)
+    return 1
+
+
+def _status_loop(settings: Settings, args: argparse.Namespace, header: str = "") -> int:
     from selfix.console import fetch_status
 
     while True:
@@ -307,6 +603,8 @@ def _status_loop(settings: Settings, args: argparse.Namespace) -> int:
             if args.watch:
                 print("\033[2J\033[H", end="")
                 print(time.strftime("selfix status  %H:%M:%S  (Ctrl-C to leave)"))
+            if header:
+                print(header)
             print(render_status(snap), flush=True)
         if not args.watch:
             return 0
@@ -322,7 +620,12 @@ def doctor_checks(settings: Settings) -> list[Check]:
     from selfix.watchdog import comfy_alive
 
     spool = Spool(settings.spool_dir)
-    checks: list[Check] = [("spool", spool.ensure().writable(), f"{settings.spool_dir} writable")]
+    if (settings.spool_dir / "inbox").is_dir():
+        writable = spool.writable()
+        checks: list[Check] = [("spool", writable, f"{settings.spool_dir} {'' if writable else 'NOT '}writable")]
+    else:
+        checks = [("spool", False, f"{settings.spool_dir} does not exist: no node has run there (start one with "
+                   "./scripts/run, or name its spool with --spool DIR, SPOOL_DIR or SELFIX_HOME)")]
     try:
         checks.append(("comfyui command", True, shlex.join(comfy_argv(settings))))
     except SettingsError as exc:
@@ -358,8 +661,32 @@ def _store_checks(settings: Settings) -> list[Check]:
     return [("store", ok, f"local store {settings.store_dir} {'writable' if ok else 'missing or not writable'}")]
 
 
-def cmd_doctor(_args: argparse.Namespace) -> int:
-    settings = _settings()
+def describe_node(view: NodeView) -> str:
+    """Which node a command acts on, and whether it is running: the first line of doctor and settings."""
+    spool = view.settings.spool_dir
+    if view.record is None:
+        how = "no run/node.json there (no node has started on it), so the settings are this shell's"
+        return f"node: spool {spool} ({view.found_by}); {how}"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(view.record.get("startedAt") or 0)))
+    state = {True: "running", False: "not running", None: "state unknown"}[view.running]
+    return (f"node: spool {spool} ({view.found_by}); started {started} as pid {view.record.get('pid')}, "
+            f"{state}; settings from its run/{NODE_RECORD}")
+
+
+def _ignored_lines(view: NodeView) -> list[str]:
+    lines = [f"note: this shell sets {k}={v}, which the node does not run with; shown: the node's"
+             for k, v in sorted(view.ignored.items())]
+    lines += [f"note: the node runs with {name} set, which its run/{NODE_RECORD} masks and this shell does not "
+              "set: export it here for the checks that log in" for name in view.missing_secrets]
+    return lines
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    view = view_node(args.spool)
+    settings = view.settings
+    print(describe_node(view))
+    for line in _ignored_lines(view):
+        print(line)
     print("settings:")
     for name, value in settings.redacted().items():
         print(f"  {name}={value}")
@@ -383,8 +710,20 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def cmd_settings(_args: argparse.Namespace) -> int:
-    print(settings_table())
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every setting of the node this command finds, and where its value comes from; --markdown: the README table."""
+    if args.markdown:
+        print(settings_table())
+        return 0
+    view = view_node(args.spool)
+    print(describe_node(view))
+    if not view.exists:
+        print(missing_spool_message(view, "settings"), file=sys.stderr)
+    for line in _ignored_lines(view):
+        print(line)
+    origin = "the node's" if view.record else "set"
+    for name, value in view.settings.redacted().items():
+        print(f"{name}={value}  ({origin if name in view.given else 'default'})")
     return 0
 
 
@@ -392,6 +731,7 @@ def cmd_settings(_args: argparse.Namespace) -> int:
 
 def _process(name: str) -> Callable[[argparse.Namespace], int]:
     def run(_args: argparse.Namespace) -> int:
+        _node_settings(name, only=frozenset({"SPOOL_DIR"}))
         module = __import__(f"selfix.{name}", fromlist=["main"])
         return int(module.main())
 
@@ -404,20 +744,36 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="prepare the node and run supervisord in the foreground")
     up.add_argument("--conf", type=Path, default=default_conf())
     up.set_defaults(func=cmd_up)
+    spool_help = ("the node's spool (default: SPOOL_DIR, else $SELFIX_HOME/spool, else the checkout's var/spool "
+                  "when run inside a checkout, else /app/spool)")
     ctl = sub.add_parser("ctl", help="supervisorctl with this node's settings")
     ctl.add_argument("--conf", type=Path, default=default_conf())
+    ctl.add_argument("--spool", type=Path, help=spool_help)
     ctl.add_argument("rest", nargs=argparse.REMAINDER)
     ctl.set_defaults(func=cmd_ctl)
     submit = sub.add_parser("submit", help="drop task files into the inbox atomically; prints taskIds")
     submit.add_argument("files", nargs="+", help="JSON task files, or - for stdin")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for each result: progress while ComfyUI runs it, then the result and its images; "
+                             "exit 1 when one failed")
+    submit.add_argument("--timeout", type=float, default=0.0, help="with --wait: give up after S seconds (exit 3)")
+    submit.add_argument("--spool", type=Path, help=spool_help)
     submit.set_defaults(func=cmd_submit)
     status = sub.add_parser("status", help="spool counts, the running job and its progress, recent failures")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every N s")
+    status.add_argument("--wait-ready", type=float, default=0.0, metavar="S",
+                        help="wait up to S seconds until the node can take work (/readyz), exit 0 or 1")
+    status.add_argument("--while-pid", type=int, help=argparse.SUPPRESS)
+    status.add_argument("--spool", type=Path, help=spool_help)
     status.set_defaults(func=cmd_status)
-    sub.add_parser("settings", help="print every setting with its default (Markdown)").set_defaults(
-        func=cmd_settings)
-    sub.add_parser("doctor", help="check settings, spool, ComfyUI, store, Kafka").set_defaults(func=cmd_doctor)
+    settings = sub.add_parser("settings", help="every setting of this node and where its value comes from")
+    settings.add_argument("--markdown", action="store_true", help="the README's table of every setting and default")
+    settings.add_argument("--spool", type=Path, help=spool_help)
+    settings.set_defaults(func=cmd_settings)
+    doctor = sub.add_parser("doctor", help="check this node's settings, spool, ComfyUI, store, Kafka")
+    doctor.add_argument("--spool", type=Path, help=spool_help)
+    doctor.set_defaults(func=cmd_doctor)
     sub.add_parser("comfyui", help="exec ComfyUI as configured (supervisord runs this)").set_defaults(
         func=cmd_comfyui)
     for name in PROCESSES:

@@ -119,8 +119,16 @@ class Spec:
     group: str = "general"
 
 
+# Every path default is a folder of SELFIX_HOME, so one variable moves a whole node: the container uses /app,
+# ./scripts/run a checkout's var/. A default naming HOME_VAR is resolved against SELFIX_HOME in load().
+HOME_VAR = "$SELFIX_HOME"
+CONTAINER_HOME = "/app"
+
 S = Spec
 SPECS: tuple[Spec, ...] = (
+    S("SELFIX_HOME", "selfix_home", CONTAINER_HOME, _path,
+      "Root of the node's directories: every path setting below defaults to a folder in it. The container uses "
+      "/app; ./scripts/run sets the checkout's var/."),
     # --- the seed's variables (names kept) ---
     S("KAFKA_BOOTSTRAP_SERVER", "kafka_bootstrap", "", _optional_str,
       "Kafka bootstrap servers (host:port,...). Empty: no Kafka; jobs come from files in inbox/.", group="kafka"),
@@ -145,12 +153,14 @@ SPECS: tuple[Spec, ...] = (
     S("S3_USE_SSL", "s3_use_ssl", "false", _bool, "Use https for S3.", group="s3"),
     S("COMFY_PORT", "comfy_port", "8188", _port, "Port ComfyUI listens on (127.0.0.1 only).", group="comfyui"),
     S("COMFY_HOST", "comfy_host", "127.0.0.1", str, "Host selfix reaches ComfyUI on.", group="comfyui"),
-    S("MODELS_DIR", "models_dir", "/app/models", _path,
+    S("MODELS_DIR", "models_dir", "$SELFIX_HOME/models", _path,
       "Base models (checkpoints/, vae/, clip/, unet/, loras/ ...), mounted read-only.", group="comfyui"),
-    S("TEMP_DIR", "temp_dir", "/app/temp", _path, "Scratch space: ComfyUI temp files, downloads in progress."),
+    S("TEMP_DIR", "temp_dir", "$SELFIX_HOME/temp", _path,
+      "Scratch space: ComfyUI temp files, downloads in progress."),
     # --- selfix's own ---
-    S("SPOOL_DIR", "spool_dir", "/app/spool", _path, "The spool (inbox/ processing/ outbox/ done/ corrupt/ tmp/)."),
-    S("STORE_DIR", "store_dir", "/app/store", _path,
+    S("SPOOL_DIR", "spool_dir", "$SELFIX_HOME/spool", _path,
+      "The spool (inbox/ processing/ outbox/ done/ corrupt/ tmp/)."),
+    S("STORE_DIR", "store_dir", "$SELFIX_HOME/store", _path,
       "Local object store used when S3_ENDPOINT is empty (object key = relative path)."),
     S("COMFYUI_DIR", "comfyui_dir", "", _optional_path, "ComfyUI checkout (main.py) that supervisord starts.",
       group="comfyui"),
@@ -161,13 +171,13 @@ SPECS: tuple[Spec, ...] = (
     S("COMFY_COMMAND", "comfy_command", "", _optional_str,
       "Whole command that starts ComfyUI; overrides COMFYUI_DIR/COMFY_ARGS (tests use it for the double).",
       group="comfyui"),
-    S("COMFY_OUTPUT_DIR", "comfy_output_dir", "/app/comfy/output", _path, "ComfyUI --output-directory.",
+    S("COMFY_OUTPUT_DIR", "comfy_output_dir", "$SELFIX_HOME/comfy/output", _path, "ComfyUI --output-directory.",
       group="comfyui"),
-    S("COMFY_INPUT_DIR", "comfy_input_dir", "/app/comfy/input", _path, "ComfyUI --input-directory.",
+    S("COMFY_INPUT_DIR", "comfy_input_dir", "$SELFIX_HOME/comfy/input", _path, "ComfyUI --input-directory.",
       group="comfyui"),
-    S("COMFY_LOG_DIR", "comfy_log_dir", "/app/comfylogs", _path, "Where supervisord writes ComfyUI's log.",
+    S("COMFY_LOG_DIR", "comfy_log_dir", "$SELFIX_HOME/comfylogs", _path, "Where supervisord writes ComfyUI's log.",
       group="comfyui"),
-    S("LORA_CACHE_DIR", "lora_cache_dir", "/app/loras", _path,
+    S("LORA_CACHE_DIR", "lora_cache_dir", "$SELFIX_HOME/loras", _path,
       "Local LoRA cache; listed by ComfyUI through the generated extra_model_paths.yaml.", group="lora"),
     S("LORA_CACHE_MAX_GB", "lora_cache_max_gb", "50", _positive_float, "LRU budget of the LoRA cache.",
       group="lora"),
@@ -247,6 +257,7 @@ del S
 
 @dataclass(frozen=True)
 class Settings:
+    selfix_home: Path
     kafka_bootstrap: str | None
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
@@ -357,10 +368,11 @@ class Settings:
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment; raise SettingsError naming every bad variable."""
     env = os.environ if environ is None else environ
+    home = env.get("SELFIX_HOME", CONTAINER_HOME)
     values: dict[str, Any] = {}
     problems: list[str] = []
     for spec in SPECS:
-        raw = env.get(spec.env, spec.default)
+        raw = env.get(spec.env, default_of(spec, home))
         try:
             values[spec.attr] = spec.parse(raw)
         except ValueError as exc:
@@ -371,6 +383,24 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     return Settings(**values)
+
+
+def default_of(spec: Spec, home: str = CONTAINER_HOME) -> str:
+    """The default of one setting with SELFIX_HOME = `home` (a path default is a folder of the home)."""
+    return spec.default.replace(HOME_VAR + "/", home.rstrip("/") + "/")
+
+
+def defaults(home: str = CONTAINER_HOME) -> dict[str, str]:
+    """Every setting's default by variable name, path defaults resolved against `home`."""
+    return {spec.env: default_of(spec, home) for spec in SPECS}
+
+
+def implicit_home_paths(environ: Mapping[str, str]) -> list[str]:
+    """The path settings that fall back to a folder of SELFIX_HOME although SELFIX_HOME itself is not set: a node
+    started like this would create the container's /app tree on whatever machine it runs on."""
+    if "SELFIX_HOME" in environ:
+        return []
+    return [spec.env for spec in SPECS if HOME_VAR in spec.default and spec.env not in environ]
 
 
 def _cross_checks(v: Mapping[str, Any]) -> list[str]:

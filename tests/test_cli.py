@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from selfix.cli import comfy_argv, extra_model_paths
+from selfix.cli import comfy_argv, extra_model_paths, merge_record, node_record
 from selfix.settings import SettingsError, load
+from selfix.spool import Spool
 from tests.servers.node_plugin import task
 
 
@@ -23,6 +24,7 @@ def run(args: list[str], env: dict[str, str], stdin: bytes | None = None) -> sub
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
+    Spool(tmp_path / "spool").ensure()  # a node's spool: the client commands never create one
     return {"SPOOL_DIR": str(tmp_path / "spool"), "STORE_DIR": str(tmp_path / "store"),
             "COMFY_PORT": "1", "LORA_CACHE_DIR": str(tmp_path / "loras")}
 
@@ -97,3 +99,55 @@ def test_json_logs_carry_task_id(tmp_path: Path) -> None:
     record = json.loads(out.stdout.strip().splitlines()[-1])["record"]
     assert record["extra"]["task_id"] == "t-9" and record["extra"]["process"] == "runner"
     assert record["message"] == "hello"
+
+
+@pytest.mark.parametrize("command", [["submit", "x.json"], ["status"], ["ctl", "status"]])
+def test_a_command_without_a_spool_names_what_to_set_and_creates_nothing(command: list[str], tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps(task("x")))
+    out = subprocess.run([sys.executable, "-m", "selfix", *command], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SELFIX_HOME": str(tmp_path / "home")})
+    assert out.returncode == 78, out
+    assert f"no node spool at {tmp_path / 'home' / 'spool'}" in out.stderr and "Traceback" not in out.stderr
+    assert "--spool DIR" in out.stderr and "SELFIX_HOME" in out.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_commands_beside_a_node_use_the_settings_it_recorded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool").ensure()
+    node_env = {"SPOOL_DIR": str(spool.root), "COMFY_COMMAND": "true", "COMFY_PORT": "1",
+                "STORE_DIR": str(tmp_path / "store"), "S3_SECRET_KEY": "hunter2-secret", "HOME": "/home/someone"}
+    record = node_record(node_env)
+    assert b"hunter2-secret" not in record and b"HOME" not in record
+    spool.write_run_file("node.json", record)
+    shell = {k: v for k, v in os.environ.items() if k not in load({}).redacted()}
+    out = subprocess.run([sys.executable, "-m", "selfix", "doctor", "--spool", str(spool.root)], cwd=tmp_path,
+                         env={**shell, "COMFY_PORT": "2"}, capture_output=True, text=True, timeout=60)
+    assert "ok   comfyui command: true" in out.stdout, out.stdout  # the node's COMFY_COMMAND, not this shell's none
+    assert "FAIL comfyui: http://127.0.0.1:1 " in out.stdout
+    assert "note: this shell sets COMFY_PORT=2, which the node does not run with" in out.stdout
+    assert "settings from its run/node.json" in out.stdout.splitlines()[0]
+    assert "note: the node runs with S3_SECRET_KEY set" in out.stdout and "hunter2-secret" not in out.stdout
+
+
+def test_merge_record_keeps_the_node_values_and_takes_masked_secrets_from_the_shell(tmp_path: Path) -> None:
+    node = {"COMFY_PORT": "8100", "S3_SECRET_KEY": "***", "KAFKA_SASL_PASSWORD": "***", "SELFIX_HOME": "/srv/n"}
+    env, ignored, missing = merge_record({"COMFY_PORT": "9", "S3_SECRET_KEY": "s", "MODELS_DIR": "/srv/n/models"},
+                                         node, tmp_path / "spool")
+    assert env["COMFY_PORT"] == "8100" and env["S3_SECRET_KEY"] == "s" and env["SPOOL_DIR"] == str(tmp_path / "spool")
+    assert ignored == {"COMFY_PORT": "9"}  # MODELS_DIR equals the node's default under its home
+    assert missing == ["KAFKA_SASL_PASSWORD"]
+
+
+def test_a_node_program_without_selfix_home_refuses_to_create_the_container_tree(tmp_path: Path) -> None:
+    if Path("/app/spool").is_dir():
+        pytest.skip("this machine has a container home with a node in /app")
+    shell = {k: v for k, v in os.environ.items() if k not in load({}).redacted()}
+    out = subprocess.run([sys.executable, "-m", "selfix", "runner"], cwd=tmp_path, env=shell, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 78 and "SELFIX_HOME is not set" in out.stderr and "SPOOL_DIR" in out.stderr, out
+
+
+def test_wait_ready_says_what_fails_when_the_node_never_takes_work(env: dict[str, str]) -> None:
+    out = run(["status", "--wait-ready", "1"], {**env, "METRICS_PORT": "1"})
+    assert out.returncode == 1, out
+    assert "not ready after 1s (the watchdog does not answer on http://127.0.0.1:1/readyz)" in out.stderr

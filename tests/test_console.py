@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageStat
 
+from selfix.spool import Spool
 from tests.servers.node_plugin import Node, task, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.watchdog]
@@ -87,6 +88,7 @@ def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> N
     assert {r["taskId"] for r in cli["recentResults"]} >= {"ok-1", "bad-1"}
     # A watchdog on that port that watches another spool is not taken for this one's: the spool is read instead.
     other = {**node.env, "SPOOL_DIR": str(node.root / "other-spool")}
+    Spool(node.root / "other-spool").ensure()  # status never creates a spool; this one exists but is idle
     out = subprocess.run([sys.executable, "-m", "selfix", "status", "--json"], env=other, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr

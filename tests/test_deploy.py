@@ -57,7 +57,7 @@ NON_SELFIX_ALLOWED = {
 EXPORTED_FOR_SUPERVISORCTL = {"SPOOL_DIR", "COMFY_LOG_DIR"}
 PATH_SETTINGS = {s.env for s in selfix_settings.SPECS
                  if getattr(s.parse, "__name__", "") in {"_path", "_optional_path"}}
-DEFAULTS = {s.env: s.default for s in selfix_settings.SPECS}
+DEFAULTS = selfix_settings.defaults()  # path defaults resolved against the container's SELFIX_HOME
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------------------
@@ -686,7 +686,6 @@ def test_scripts_run_with_the_compose_environment(tmp_path: Path) -> None:
     env.update({
         "COMFY_COMMAND": double_command(exec_log, 0.05),
         "COMFY_PORT": str(free_port()), "METRICS_PORT": str(free_port()), "METRICS_HOST": "127.0.0.1",
-        "SELFIX_VAR": str(tmp_path / "var"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     assert env["LOG_FORMAT"] == "json" and env["SPOOL_DIR"].startswith(str(tmp_path))
@@ -699,6 +698,9 @@ def test_scripts_run_with_the_compose_environment(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(ROOT / "scripts" / "run")], cwd=ROOT, env=env, stdout=open(log, "wb"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # `selfix submit` never creates a spool: wait until `selfix up` has made the node's.
+        wait_until(lambda: (Path(env["SPOOL_DIR"]) / "inbox").is_dir() or proc.poll() is not None, 60,
+                   "the node's spool")
         submitted = subprocess.run([sys.executable, "-m", "selfix", "submit", str(job)], env=env, cwd=ROOT,
                                    capture_output=True, text=True, timeout=60)
         assert submitted.returncode == 0 and submitted.stdout.strip() == "deploy-e2e-1", submitted

@@ -14,7 +14,7 @@ def test_readme_settings_table_matches_code() -> None:
     text = README.read_text()
     match = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", text, re.S)
     assert match, "README lacks the settings markers"
-    assert match[1] == settings_table(), "README settings table is stale: regenerate with `selfix settings`"
+    assert match[1] == settings_table(), "README settings table is stale: regenerate with `selfix settings --markdown`"
 
 
 def test_readme_names_the_two_commands() -> None:

@@ -23,6 +23,7 @@ def submit(node: Node, messages: list[dict[str, Any]], tmp: Path) -> subprocess.
         path = tmp / f"{msg.get('taskId', 'x')}.json"
         path.write_text(json.dumps(msg))
         files.append(str(path))
+    node.spool.ensure()  # the node's spool, as `selfix up` (or an operator) makes it: submit never creates one
     return subprocess.run([sys.executable, "-m", "selfix", "submit", *files], env=node.env, capture_output=True,
                           text=True, timeout=60)
 

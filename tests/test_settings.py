@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from selfix.settings import SPECS, Settings, SettingsError, Spec, known_variables, load
+from selfix.settings import (
+    HOME_VAR,
+    SPECS,
+    Settings,
+    SettingsError,
+    Spec,
+    default_of,
+    defaults,
+    implicit_home_paths,
+    known_variables,
+    load,
+)
 
 PASSWORD = "kafka-pw-7f3a9c"
 SECRET_KEY = "s3-secret-5e1d22"
@@ -37,8 +48,28 @@ def test_load_reads_only_the_mapping_given() -> None:
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.env)
 def test_every_spec_parses_its_own_default(spec: Spec) -> None:
-    value = spec.parse(spec.default)
+    value = spec.parse(default_of(spec))
     assert getattr(load({}), spec.attr) == value
+
+
+def test_selfix_home_moves_every_path_default_and_an_explicit_path_wins() -> None:
+    derived = [spec for spec in SPECS if HOME_VAR in spec.default]
+    assert {s.env for s in derived} >= {"SPOOL_DIR", "STORE_DIR", "MODELS_DIR", "TEMP_DIR", "LORA_CACHE_DIR",
+                                         "COMFY_OUTPUT_DIR", "COMFY_INPUT_DIR", "COMFY_LOG_DIR"}
+    assert all(str(getattr(load({}), s.attr)).startswith("/app/") for s in derived)
+    moved = load({"SELFIX_HOME": "/srv/node-1/"})
+    assert all(str(getattr(moved, s.attr)).startswith("/srv/node-1/") for s in derived)
+    assert moved.comfy_output_dir == Path("/srv/node-1/comfy/output")
+    assert load({"SELFIX_HOME": "/srv/n", "SPOOL_DIR": "/fast/spool"}).spool_dir == Path("/fast/spool")
+    assert defaults("/x")["LORA_CACHE_DIR"] == "/x/loras"
+
+
+def test_implicit_home_paths_names_what_would_land_under_the_default_home() -> None:
+    assert implicit_home_paths({"SELFIX_HOME": "/srv"}) == []
+    assert "SPOOL_DIR" in implicit_home_paths({}) and "TEMP_DIR" in implicit_home_paths({"SPOOL_DIR": "/s"})
+    assert "SPOOL_DIR" not in implicit_home_paths({"SPOOL_DIR": "/s"})
+    everything = {s.env: "/x" for s in SPECS if HOME_VAR in s.default}
+    assert implicit_home_paths(everything) == []
 
 
 def test_specs_match_the_settings_fields_one_to_one() -> None:

@@ -11,6 +11,7 @@ ensure_venv() {
   stamp_have="$(cat .venv/.selfix-stamp 2>/dev/null || true)"
   # A venv with the test extras also serves scripts/run (same hash, more packages).
   if [ "$stamp_have" != "$stamp_want" ] && [ "${stamp_have}" != "${stamp_want}[test]" ]; then
+    echo "selfix: installing selfix${extras} and its packages into .venv (first run, or setup.cfg changed)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".${extras}"
     echo "$stamp_want" > .venv/.selfix-stamp
