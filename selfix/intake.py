@@ -26,7 +26,7 @@ class Outcome:
 
 def limits_of(settings: Settings) -> Limits:
     return Limits(settings.max_message_bytes, settings.max_workflow_nodes, settings.max_data_url_bytes,
-                  settings.user_prefix)
+                  settings.user_prefix, settings.node_denylist, settings.node_allowlist)
 
 
 def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,

@@ -2,13 +2,17 @@
 
 Layout (ComfyUI lists only the `*.safetensors` files; everything else is invisible to it):
 
-    <root>/<key>                      the LoRA, named by its object key (ComfyUI lists `users/u1/models/x.safetensors`)
-    <root>/<key>.part                 a download in progress (or left by a killed one: removed by the next scan)
-    <root>/.selfix/meta/<h>.json      what was fetched: key, ETag, size, when S3 last confirmed it
+    <root>/<random>.safetensors       the LoRA, under a random name chosen per download (ComfyUI lists that name)
+    <root>/<h>.part                   a download in progress (or left by a killed one: removed by the next scan)
+    <root>/.selfix/meta/<h>.json      what was fetched: key, file name, ETag, size, when S3 last confirmed it
     <root>/.selfix/locks/<h>.lock     fcntl lock of one key; while a download runs it also holds its reserved size
     <root>/.selfix/cache.lock         held briefly while space is reserved and files are evicted
 
 Rules:
+- The name ComfyUI lists says nothing about the key: a workflow can reach a cached LoRA only through the name the
+  runner binds for the task that brought the key (selfix.isolation refuses every other name first). Files of the
+  older layout (named by their key, meta without a file name) are still read and get a random name at their next
+  use. Symbolic links in the cache are never a valid copy, and the scan removes them.
 - A file appears under its final name only whole and verified: size (and MD5 where the ETag is one, see
   storage.S3Store), safetensors header and data length; written as *.part, renamed, directory fsynced. A process
   killed mid-download leaves only a *.part, which the next scan removes.
@@ -30,6 +34,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
+import stat as stat_mod
 import struct
 import threading
 import time
@@ -128,15 +135,32 @@ class Meta:
     etag: str
     size: int
     checked_at: float  # wall clock: when the store last confirmed this ETag (download or HEAD)
+    file: str = ""  # the cached file's name under the root; "" = the older layout, where it is the key itself
+
+    @property
+    def name(self) -> str:
+        return self.file or self.key
 
     def dumps(self) -> bytes:
         return json.dumps({"key": self.key, "etag": self.etag, "size": self.size,
-                           "checkedAt": self.checked_at}).encode()
+                           "checkedAt": self.checked_at, "file": self.file}).encode()
 
     @staticmethod
     def loads(raw: bytes) -> Meta:
         obj = json.loads(raw)
-        return Meta(str(obj["key"]), str(obj["etag"]), int(obj["size"]), float(obj["checkedAt"]))
+        file = str(obj.get("file") or "")
+        if file and (not _RANDOM_NAME_RE.match(file)):
+            raise ValueError(f"meta names an unexpected file {file[:80]!r}")
+        return Meta(str(obj["key"]), str(obj["etag"]), int(obj["size"]), float(obj["checkedAt"]), file)
+
+
+_RANDOM_NAME_RE = re.compile(r"^[0-9a-f]{32}\.safetensors$")
+_PART_RE = re.compile(r"^[0-9a-f]{40}\.part$")
+
+
+def random_name() -> str:
+    """A cached file's name: 128 random bits, unrelated to the key, new for every download."""
+    return f"{secrets.token_hex(16)}{SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -218,7 +242,7 @@ class _Lock:
 
 
 class LoraCache:
-    """Key → verified file under the cache root, named by the key itself (see the module docstring)."""
+    """Key → verified file under the cache root, under a random name kept in the key's meta (module docstring)."""
 
     def __init__(
         self,
@@ -266,10 +290,29 @@ class LoraCache:
 
     # --- names -----------------------------------------------------------------------------------------
     def comfy_name(self, key: str) -> str:
-        return key
+        """The name ComfyUI lists the cached copy of `key` under ("" when it is not cached)."""
+        meta = self._read_meta(key)
+        return meta.name if meta is not None else ""
 
-    def path_of(self, key: str) -> Path:
-        return self.root / key
+    def path_of(self, key: str) -> Path | None:
+        """The cached file of `key` (per its meta), or None."""
+        meta = self._read_meta(key)
+        return self.root / meta.name if meta is not None else None
+
+    def cached_keys(self) -> dict[str, str]:
+        """key -> the name ComfyUI lists, for every cached LoRA with a meta (selfix.isolation refuses these names
+        for every task that did not bring the key)."""
+        out: dict[str, str] = {}
+        meta_dir = self.state / "meta"
+        if not meta_dir.is_dir():
+            return out
+        for path in meta_dir.glob("*.json"):
+            try:
+                meta = Meta.loads(path.read_bytes())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            out[meta.key] = meta.name
+        return out
 
     def _hash(self, key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()[:40]
@@ -280,9 +323,8 @@ class LoraCache:
     def _lock_path(self, key: str) -> Path:
         return self.state / "locks" / f"{self._hash(key)}.lock"
 
-    def _part_path(self, key: str) -> Path:
-        target = self.path_of(key)
-        return target.with_name(target.name + PART)
+    def part_path(self, key: str) -> Path:
+        return self.root / f"{self._hash(key)}{PART}"
 
     def check_key(self, key: str, user_id: str | None = None) -> None:
         """Only `.safetensors` keys under the user's prefix; raises TaskError(lora_forbidden) before any I/O."""
@@ -324,7 +366,8 @@ class LoraCache:
         self.check_key(key, user_id)
         self._make_dirs()
         with _Lock.take(self._lock_path(key), exclusive=False):
-            if self.fresh(key) is not None:
+            meta = self.fresh(key)
+            if meta is not None and meta.file:  # an older-layout copy takes the exclusive path to be renamed
                 stats.incr("lora_cache_hits")
                 return self._used(key)
         with _Lock.take(self._lock_path(key), exclusive=True) as lock:
@@ -354,8 +397,10 @@ class LoraCache:
         """Drop the cached copy of `key` (for operators and benchmarks); False when there was none."""
         self._make_dirs()
         with _Lock.take(self._lock_path(key), exclusive=True):
-            present = self.path_of(key).exists()
-            self.path_of(key).unlink(missing_ok=True)
+            path = self.path_of(key)
+            present = path is not None and path.exists()
+            if path is not None:
+                path.unlink(missing_ok=True)
             self._meta_path(key).unlink(missing_ok=True)
         return present
 
@@ -379,10 +424,10 @@ class LoraCache:
         if meta is None:
             return None
         try:
-            size = self.path_of(key).stat().st_size
+            st = (self.root / meta.name).lstat()  # lstat: a symlink planted in the cache is never a valid copy
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return meta if size == meta.size else None
+        return meta if stat_mod.S_ISREG(st.st_mode) and st.st_size == meta.size else None
 
     def fresh(self, key: str) -> Meta | None:
         meta = self._cached(key)
@@ -392,17 +437,23 @@ class LoraCache:
 
     def _used(self, key: str) -> str:
         """Record the use (atime = now, mtime kept) for LRU; return ComfyUI's name."""
-        path = self.path_of(key)
+        meta = self._read_meta(key)
+        if meta is None:
+            return ""
+        path = self.root / meta.name
         with contextlib.suppress(OSError):
-            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
-        return self.comfy_name(key)
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns), follow_symlinks=False)
+        return meta.name
 
     def _ensure_locked(self, key: str, lock: _Lock, keep: frozenset[str] = frozenset()) -> bool:
         """With the key's lock held exclusively: confirm the cached copy (HEAD after the TTL) or download.
         True when it downloaded."""
-        if self.fresh(key) is not None:
+        meta = self.fresh(key)
+        if meta is not None and meta.file:
             return False  # fetched by another process or thread while we waited for the lock
         meta = self._cached(key)
+        if meta is not None and not meta.file:
+            meta = self._migrate(meta)
         size: int | None = None
         if meta is not None:
             if time.monotonic() < self._store_down_until:
@@ -416,15 +467,28 @@ class LoraCache:
                     return False
                 raise _task_error(key, exc) from None
             if info.etag == meta.etag and info.size == meta.size:
-                self._write_meta(Meta(key, meta.etag, meta.size, time.time()))
+                self._write_meta(Meta(key, meta.etag, meta.size, time.time(), meta.file))
                 return False
             logger.info("LoRA {} changed in the store (ETag {} -> {}): fetching it again", key, meta.etag, info.etag)
             size = info.size
         self._download(key, lock, size, keep)
         return True
 
+    def _migrate(self, meta: Meta) -> Meta:
+        """An older-layout copy (named by its key) gets a random name; the key's lock is held exclusively."""
+        new = Meta(meta.key, meta.etag, meta.size, meta.checked_at, random_name())
+        old = self.root / meta.key
+        with self.exclusive():
+            os.replace(old, self.root / new.file)
+            self._write_meta(new)
+        _fsync_dir(self.root)
+        _prune_empty_dirs(old.parent, self.root)
+        logger.info("LoRA {} renamed to the random-name layout", meta.key)
+        return new
+
     def _download(self, key: str, lock: _Lock, size: int | None, keep: frozenset[str]) -> None:
-        target, part = self.path_of(key), self._part_path(key)
+        old = self._read_meta(key)
+        target, part = self.root / random_name(), self.part_path(key)
         for _ in range(3):
             if size is None:
                 if time.monotonic() < self._store_down_until:
@@ -440,7 +504,7 @@ class LoraCache:
             if size > self.max_bytes:
                 raise TaskError(LORA_TOO_LARGE, f"loraModel {key!r} is {size} bytes, larger than the whole LoRA "
                                                 f"cache (LORA_CACHE_MAX_GB={self.max_bytes / GB:g})")
-            self._place_for(key)
+            self.root.mkdir(parents=True, exist_ok=True)
             self._reserve(key, size, lock, keep)
             started = time.monotonic()
             try:
@@ -450,8 +514,11 @@ class LoraCache:
                     # Meta after the rename: a crash between leaves a file without meta (fetched again on its next
                     # use), never a meta that vouches for bytes it did not check.
                     os.replace(part, target)
-                    self._write_meta(Meta(key, info.etag, info.size, time.time()))
+                    self._write_meta(Meta(key, info.etag, info.size, time.time(), target.name))
                     lock.write("")
+                    if old is not None and old.name != target.name:  # the replaced copy of a changed object
+                        with contextlib.suppress(OSError):
+                            (self.root / old.name).unlink()
                 _fsync_dir(target.parent)
             except ObjectTooLarge:
                 size = None  # replaced by a larger object since the HEAD: reserve again
@@ -473,19 +540,6 @@ class LoraCache:
                         info.size / max(took, 1e-6) / 1e6)
             return
         raise StorageUnavailable(f"loraModel {key!r} keeps changing size while being fetched", key=key)
-
-    def _place_for(self, key: str) -> None:
-        """The target's directory exists; a key whose path collides with another cached key's is refused (S3 has
-        `a.safetensors` and `a.safetensors/b.safetensors` side by side, a filesystem cannot)."""
-        target = self.path_of(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r} collides with another cached LoRA's path") from None
-        except OSError as exc:
-            raise CacheFull(f"cannot create the cache folder for {key!r}: {exc}", key=key) from exc
-        if target.is_dir():
-            raise TaskError(LORA_FORBIDDEN, f"loraModel {key!r} collides with a folder of other cached LoRAs")
 
     def _reserve(self, key: str, size: int, lock: _Lock, keep: frozenset[str]) -> None:
         """Under the cache lock: evict LRU files (not `keep`) until `size` more bytes fit the budget and the disk
@@ -539,31 +593,47 @@ class LoraCache:
         downloads left: *.part files of keys nobody holds, stale reservations. Files without a meta (put there
         by hand) count toward the budget but are never evicted."""
         self._make_dirs()
+        owner = {name: key for key, name in self.cached_keys().items()}
         entries: list[Entry] = []
         foreign = 0
-        for dirpath, dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(self.root):  # never follows links
             if Path(dirpath) == self.root:
                 dirs[:] = [d for d in dirs if d != STATE]
+            for name in [*files, *dirs]:
+                path = Path(dirpath) / name
+                if path.is_symlink():
+                    self._drop_symlink(path)
+            dirs[:] = [d for d in dirs if not (Path(dirpath) / d).is_symlink()]
             for name in files:
                 path = Path(dirpath) / name
                 rel = path.relative_to(self.root).as_posix()
-                if name.endswith(SUFFIX + PART):
-                    self._drop_stale_part(rel[: -len(PART)], path)
+                if _PART_RE.match(rel):
+                    self._drop_stale_part(self.state / "locks" / f"{name[: -len(PART)]}.lock", path)
+                    continue
+                if name.endswith(SUFFIX + PART):  # the older layout's <key>.part
+                    self._drop_stale_part(self._lock_path(rel[: -len(PART)]), path)
                     continue
                 if not name.endswith(SUFFIX):
                     continue
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except FileNotFoundError:
                     continue
-                if self._read_meta(rel) is None:
+                key = owner.get(rel)
+                if key is None or not stat_mod.S_ISREG(st.st_mode):
                     foreign += st.st_size
                     continue
-                entries.append(Entry(rel, path, st.st_size, st.st_atime))
+                entries.append(Entry(key, path, st.st_size, st.st_atime))
         return entries, foreign + self._reserved()
 
-    def _drop_stale_part(self, key: str, part: Path) -> None:
-        lock = _Lock.try_take(self._lock_path(key))
+    def _drop_symlink(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            logger.warning("removed symbolic link {} from the LoRA cache: only files selfix fetched belong there",
+                           path)
+
+    def _drop_stale_part(self, lock_path: Path, part: Path) -> None:
+        lock = _Lock.try_take(lock_path)
         if lock is None:
             return  # its download is running
         with lock:
@@ -611,6 +681,16 @@ def _task_error(key: str, exc: StorageError) -> TaskError:
     if isinstance(exc, ChecksumMismatch):
         return TaskError(LORA_INVALID, f"loraModel {key!r}: the stored object is damaged ({exc})")
     return TaskError(exc.result_code("lora"), f"loraModel {key!r}: {exc}")
+
+
+def _prune_empty_dirs(folder: Path, root: Path) -> None:
+    """Remove empty folders from `folder` up to (not including) `root` (left by the older key-named layout)."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _disk_free(path: Path) -> int:

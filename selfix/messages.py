@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfix.settings import DEFAULT_NODE_DENYLIST
 from selfix.spool import PRIORITY_MAX, PRIORITY_MIN, valid_task_id
 
 # Error codes a client can act on. retriable says whether sending the same task again could succeed.
@@ -31,6 +32,7 @@ LORA_TOO_LARGE = "lora_too_large"
 INPUT_NOT_FOUND = "input_not_found"
 INPUT_FORBIDDEN = "input_forbidden"
 INPUT_TOO_LARGE = "input_too_large"
+MODEL_FORBIDDEN = "model_forbidden"
 EXECUTION_ERROR = "execution_error"
 OUT_OF_MEMORY = "out_of_memory"
 TIMEOUT = "timeout"
@@ -59,7 +61,7 @@ class TaskError(Exception):
     def as_error(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message, "retriable": self.retriable}
         if self.node_errors:
-            err["nodeErrors"] = self.node_errors
+            err["nodeErrors"] = redact_node_errors(self.node_errors)
         return err
 
 
@@ -78,6 +80,8 @@ class Limits:
     max_workflow_nodes: int = 500
     max_data_url_bytes: int = 10 << 20
     user_prefix: str = "users/{userId}/"
+    node_deny: frozenset[str] = DEFAULT_NODE_DENYLIST  # NODE_DENYLIST
+    node_allow: frozenset[str] = frozenset()  # empty: no allowlist
 
     def prefix(self, user_id: str) -> str:
         return self.user_prefix.replace("{userId}", user_id)
@@ -167,6 +171,7 @@ def _build_task(obj: dict[str, Any], task_id: str, user_id: str, limits: Limits,
     images = parse_images(obj.get("images"), user_id, limits)
     workflow, template = _workflow_of(obj, loras, templates)
     validate_workflow(workflow, limits.max_workflow_nodes)
+    check_names(workflow, task_id, user_id, loras, images, limits)
     check_loras_used(workflow, loras)
     return Task(task_id, user_id, workflow, tuple(loras), priority, images, template)
 
@@ -284,12 +289,24 @@ def decode_data_url(ref: str, max_bytes: int, name: str) -> bytes:
         raise TaskError(INPUT_FORBIDDEN, f"images[{name!r}]: invalid base64 payload") from None
 
 
+def check_names(workflow: dict[str, Any], task_id: str, user_id: str, loras: list[str], images: dict[str, str],
+                limits: Limits) -> None:
+    """The file names the workflow hands to ComfyUI (selfix.isolation), without looking at the disk: what intake
+    can refuse early. The runner checks again with the node's file listing before anything is queued."""
+    from selfix import isolation  # isolation imports this module's codes
+
+    policy = isolation.NodePolicy(limits.node_deny, limits.node_allow)
+    grant = isolation.grant_for_task(task_id, user_id, loras, images)
+    isolation.check_workflow(workflow, grant, isolation.Listing(), policy, limits.user_prefix,
+                             skip_inputs=frozenset({"filename_prefix"}))
+
+
 def lora_inputs(workflow: dict[str, Any]) -> list[tuple[str, str]]:
-    """(node id, value) of every literal lora_name input."""
+    """(node id, value) of every literal string input (any name: LoRA Stacker has lora_name_1, lora_name_2, ...)."""
     return [
-        (node_id, node["inputs"]["lora_name"])
-        for node_id, node in workflow.items()
-        if isinstance(node.get("inputs"), dict) and isinstance(node["inputs"].get("lora_name"), str)
+        (node_id, value)
+        for node_id, node in workflow.items() if isinstance(node.get("inputs"), dict)
+        for value in node["inputs"].values() if isinstance(value, str)
     ]
 
 
@@ -303,6 +320,34 @@ def check_loras_used(workflow: dict[str, Any], loras: list[str]) -> None:
         if not any(lora_matches(v, key) for _, v in used):
             raise TaskError(LORA_NOT_USED, f"loraModel {key!r} is not the lora_name of any node; set a LoraLoader's "
                                            f"lora_name to the key or to {posixpath.basename(key)!r}")
+
+
+_NOT_IN_LIST_RE = re.compile(r"^(?P<input>[^:]*): (?P<value>.*) not in .*$", re.DOTALL)
+
+
+def redact_node_errors(node_errors: Any) -> Any:
+    """ComfyUI's value_not_in_list errors carry the whole list of choices (for a short list, in details and
+    extra_info.input_config): for a LoRA that is every cached file name on the node. A client gets the error without
+    the list."""
+    if not isinstance(node_errors, dict):
+        return node_errors
+    out: dict[str, Any] = {}
+    for node_id, entry in node_errors.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("errors"), list):
+            out[node_id] = entry
+            continue
+        errors = []
+        for err in entry["errors"]:
+            if isinstance(err, dict) and err.get("type") == "value_not_in_list":
+                err = dict(err)
+                match = _NOT_IN_LIST_RE.match(str(err.get("details", "")))
+                if match:
+                    err["details"] = f"{match['input']}: {match['value']} not in the list of choices"
+                if isinstance(err.get("extra_info"), dict):
+                    err["extra_info"] = {**err["extra_info"], "input_config": None}
+            errors.append(err)
+        out[node_id] = {**entry, "errors": errors}
+    return out
 
 
 # --- results -------------------------------------------------------------------------------------------

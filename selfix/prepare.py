@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from selfix import isolation
 from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache
 from selfix.messages import (
     IMAGE_NAME_RE,
@@ -111,15 +112,31 @@ def ensure_loras(job: dict[str, Any], loras: LoraCache) -> dict[str, str]:
 
 
 def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_input_dir: Path,
-            max_data_url_bytes: int) -> dict[str, Any]:
-    """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError."""
+            max_data_url_bytes: int, guard: isolation.Guard | None = None) -> dict[str, Any]:
+    """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError.
+
+    Every file name in the workflow is checked against this node's files (selfix.isolation) before anything is
+    fetched, and the patched workflow once more before it goes to ComfyUI. `guard`: the node's (runner); without
+    one, the LoRA cache and the input folder are the places checked, with the default node policy."""
+    guard = guard or isolation.Guard(isolation.Roots(lora_cache_dir=loras.root, input_dir=comfy_input_dir),
+                                     user_prefix=loras.limits.user_prefix)
+    task_id, user_id = str(job["taskId"]), str(job.get("userId"))
+    images = job.get("images") or {}
+    listing = guard.listing(loras.cached_keys())
+    lora_keys = [k for k in job.get("loraModels") or [] if isinstance(k, str)]
+    names = images if isinstance(images, dict) else {}
+    guard.check(job["workflow"], isolation.grant_for_task(task_id, user_id, lora_keys, names), listing,
+                skip_inputs=frozenset({"filename_prefix"}))  # rewritten by patch() and checked after it
     bound_loras = ensure_loras(job, loras)
     limits = dataclasses.replace(loras.limits, max_data_url_bytes=max_data_url_bytes)
     try:
         bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes, limits)
     except OSError as exc:  # ComfyUI's input dir unwritable or full: the job waits, the runner lives
         raise StorageUnavailable(f"cannot write input images into {comfy_input_dir}: {exc}") from exc
-    return patch(job["workflow"], job["taskId"], bound_loras, bound_images)
+    patched = patch(job["workflow"], task_id, bound_loras, bound_images)
+    guard.check(patched, isolation.grant_for_bound(task_id, user_id, bound_loras.values(), bound_images.values()),
+                listing)
+    return patched
 
 
 def remove_task_files(comfy_output_dir: Path, comfy_input_dir: Path, task_id: str) -> None:

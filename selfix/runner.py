@@ -24,6 +24,7 @@ from selfix import stats
 from selfix.backoff import compute_backoff
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, prompt_id_for
 from selfix.faults import crashpoint
+from selfix.isolation import Guard
 from selfix.loras import LoraCache, Prefetcher
 from selfix.prepare import prepare
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
@@ -67,6 +68,7 @@ class Runner:
         self.spool = spool
         self.store = store
         self.loras = LoraCache.from_settings(settings, store, spool)  # never evicts what processing/ names
+        self.guard = Guard.from_settings(settings)  # which file names a workflow may give ComfyUI
         self.prefetcher = Prefetcher(self.loras, spool)  # next inbox jobs' LoRAs, in its own thread
         self.client = client
         self.flags = flags
@@ -157,7 +159,8 @@ class Runner:
         inf = Inflight(job, job["promptId"])
         try:
             workflow = await asyncio.to_thread(
-                prepare, job, self.store, self.loras, self.settings.comfy_input_dir, self.settings.max_data_url_bytes)
+                prepare, job, self.store, self.loras, self.settings.comfy_input_dir, self.settings.max_data_url_bytes,
+                self.guard)
         except m.TaskError as exc:
             self.fail(inf, exc)
             return

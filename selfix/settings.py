@@ -100,6 +100,33 @@ def _name_set(raw: str) -> frozenset[str]:
     return frozenset(part.strip() for part in raw.split(",") if part.strip())
 
 
+# Nodes that read files a task cannot bring (a task brings only LoRAs and PNG/JPEG/WebP images), write outside the
+# task's output prefix, or take many file names in one string. `default` in NODE_DENYLIST stands for this list; the
+# README's "What a workflow may name" says why each is here.
+DEFAULT_NODE_DENYLIST = frozenset({
+    # ComfyUI core
+    "LoadImageOutput",  # reads the output folder: other tasks' results
+    "LoadLatent",  # .latent files from the input folder
+    "LoadVideo", "LoadAudio", "RecordAudio",  # video/audio from the input folder
+    "Load3D", "Load3DAnimation",  # 3D files from input/3d
+    "LoadImageSetFromFolderNode", "LoadImageTextSetFromFolderNode",  # whole input sub-folders
+    "WebcamCapture",  # LoadImage of an uploaded webcam frame
+    "SaveLoRANode", "TrainLoraNode",  # write LoRAs into output/loras, which every LoRA loader lists
+    # ComfyUI-Impact-Pack
+    "ImageReceiver", "LatentReceiver", "ImageSender", "LatentSender",  # files passed between prompts via input/temp
+    "PreviewBridge", "PreviewBridgeLatent",  # load clipspace/temp files named by a string
+    "ImpactWildcardEncode",  # loads LoRAs named in prompt text (<lora:name>), matched by basename
+    # efficiency-nodes-comfyui
+    "XY Input: Manual XY Entry",  # many model/LoRA names in one free-text string
+})
+
+
+def _node_set(raw: str) -> frozenset[str]:
+    """Comma-separated node class names; `default` stands for DEFAULT_NODE_DENYLIST."""
+    names = _name_set(raw)
+    return (names - {"default"}) | (DEFAULT_NODE_DENYLIST if "default" in names else frozenset())
+
+
 def _prefix_template(raw: str) -> str:
     if "{userId}" not in raw:
         raise ValueError("must contain {userId}")
@@ -209,6 +236,12 @@ SPECS: tuple[Spec, ...] = (
       "Largest accepted task message or job file.", group="jobs"),
     S("MAX_WORKFLOW_NODES", "max_workflow_nodes", "500", _positive_int, "Most nodes in one workflow.",
       group="jobs"),
+    S("NODE_DENYLIST", "node_denylist", "default", _node_set,
+      "Node classes a workflow may not use (comma-separated; `default` = the built-in list of file-reading nodes).",
+      group="jobs"),
+    S("NODE_ALLOWLIST", "node_allowlist", "", _node_set,
+      "If set, the only node classes a workflow may use (comma-separated; for nodes that run only known templates).",
+      group="jobs"),
     S("MAX_DATA_URL_BYTES", "max_data_url_bytes", "10485760", _positive_int,
       "Largest input image, from a data: URL or from the store.", group="jobs"),
     S("KAFKA_MAX_INFLIGHT", "kafka_max_inflight", "8", _positive_int,
@@ -301,6 +334,8 @@ class Settings:
     templates_dir: Path | None
     max_message_bytes: int
     max_workflow_nodes: int
+    node_denylist: frozenset[str]
+    node_allowlist: frozenset[str]
     max_data_url_bytes: int
     kafka_max_inflight: int
     kafka_topic_dlq: str | None

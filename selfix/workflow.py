@@ -17,8 +17,11 @@ def task_subfolder(task_id: str) -> str:
 
 
 def patch(workflow: dict[str, Any], task_id: str, loras: dict[str, str], images: dict[str, str]) -> dict[str, Any]:
-    """Return a copy with LoRAs bound to cached names, LoadImage inputs bound to the task's input subfolder,
-    and every filename_prefix moved under the task's output subfolder."""
+    """Return a copy with LoRAs bound to cached names, image names bound to the task's input subfolder, and every
+    filename_prefix moved under the task's output subfolder.
+
+    Binding keys on the value, not the input's name (Efficiency Nodes' LoRA Stacker has lora_name_1, ...). A name
+    this leaves unbound is not made safe here: selfix.isolation refuses it before and after patching."""
     out = copy.deepcopy(workflow)
     for node in out.values():
         inputs = node.get("inputs")
@@ -31,18 +34,18 @@ def patch(workflow: dict[str, Any], task_id: str, loras: dict[str, str], images:
 
 
 def _bind_lora(inputs: dict[str, Any], loras: dict[str, str]) -> None:
-    value = inputs.get("lora_name")
-    if isinstance(value, str):
-        for key, cached in loras.items():
-            if lora_matches(value, key):
-                inputs["lora_name"] = cached
-                return
+    for name, value in inputs.items():
+        if isinstance(value, str) and name != "filename_prefix":
+            for key, cached in loras.items():
+                if lora_matches(value, key):
+                    inputs[name] = cached
+                    break
 
 
 def _bind_image(inputs: dict[str, Any], images: dict[str, str]) -> None:
-    value = inputs.get("image")
-    if isinstance(value, str) and value in images:
-        inputs["image"] = images[value]
+    for name, value in inputs.items():
+        if isinstance(value, str) and value in images and name != "filename_prefix":
+            inputs[name] = images[value]
 
 
 def _scope_prefix(inputs: dict[str, Any], task_id: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def cache_of(bucket: S3Bucket, root: Path, **kw: Any) -> LoraCache:
     return LoraCache(root, S3Store(bucket.settings()), **kw)
 
 
+RANDOM_NAME = re.compile(r"[0-9a-f]{32}\.safetensors")
+
+
+def file_of(root: Path, key: str) -> Path:
+    """Where the cache keeps `key` (its meta names a random file), or a path that does not exist."""
+    path = LoraCache(root, None).path_of(key)  # type: ignore[arg-type]  # names only: no store needed
+    return path if path is not None else root / ".selfix" / "not-cached"
+
+
 def disk_bytes(root: Path) -> int:
     """Every byte under the cache root except its bookkeeping, *.part files included."""
     total = 0
@@ -90,26 +100,28 @@ def test_miss_fetches_verified_file_then_hits_cost_no_request_within_ttl_and_one
     cache = cache_of(s3_bucket, tmp_path / "cache", head_ttl_s=3600)
     reqs = Requests(s3_bucket)
 
-    assert cache.ensure(key, "u1") == key
-    assert (tmp_path / "cache" / key).read_bytes() == data
+    name = cache.ensure(key, "u1")
+    assert RANDOM_NAME.fullmatch(name) and name == cache.comfy_name(key), "ComfyUI's name says nothing of the key"
+    assert (tmp_path / "cache" / name).read_bytes() == data
     assert reqs.delta() == {"HeadObject": 1, "GetObject": 1}
     assert not list((tmp_path / "cache").rglob("*.part"))
 
     reqs.reset()
     for _ in range(5):
-        assert cache.ensure(key, "u1") == key
+        assert cache.ensure(key, "u1") == name
     assert reqs.delta() == {}, "a hit inside LORA_HEAD_TTL_S must cost no request"
 
     stale = cache_of(s3_bucket, tmp_path / "cache", head_ttl_s=0)
     reqs.reset()
-    assert stale.ensure(key, "u1") == key
+    assert stale.ensure(key, "u1") == name
     assert reqs.delta() == {"HeadObject": 1}, "a hit after the TTL costs exactly one HEAD"
 
     changed = lora_bytes(tmp_path, "b", 60_000, seed=1)
     put(s3_bucket, key, changed, tmp_path)
     reqs.reset()
-    assert stale.ensure(key, "u1") == key
-    assert (tmp_path / "cache" / key).read_bytes() == changed, "a changed object is fetched again"
+    renamed = stale.ensure(key, "u1")
+    assert renamed != name and (tmp_path / "cache" / renamed).read_bytes() == changed, "changed: fetched again"
+    assert not (tmp_path / "cache" / name).exists(), "the replaced copy is removed"
     assert reqs.delta() == {"HeadObject": 1, "GetObject": 1}
 
 
@@ -154,7 +166,7 @@ def test_store_down_after_ttl_uses_the_cached_copy(s3_private_bucket: S3Bucket, 
     store = S3Store(s3_private_bucket.settings(), retry=_FAST)
     LoraCache(tmp_path / "cache", store).ensure(key, "u1")
     s3_private_bucket.server.stop()
-    assert LoraCache(tmp_path / "cache", store, head_ttl_s=0).ensure(key, "u1") == key
+    assert LoraCache(tmp_path / "cache", store, head_ttl_s=0).ensure(key, "u1") == file_of(tmp_path / "cache", key).name
     with pytest.raises(StorageError) as missing:
         LoraCache(tmp_path / "cache", store).ensure("users/u1/models/absent.safetensors", "u1")
     assert missing.value.retriable, missing.value
@@ -203,7 +215,7 @@ def test_a_file_that_is_not_whole_safetensors_fails_and_never_gets_its_final_nam
     with pytest.raises(m.TaskError) as err:
         cache.ensure(key, "u1")
     assert err.value.code == m.LORA_INVALID and why in err.value.message
-    assert not (tmp_path / "cache" / key).exists()
+    assert not file_of(tmp_path / "cache", key).exists()
     assert not list((tmp_path / "cache").rglob("*.part"))
 
 
@@ -215,20 +227,13 @@ def test_check_safetensors_accepts_real_layouts(tmp_path: Path) -> None:
         check_safetensors(padded)
 
 
-def test_keys_whose_paths_collide_are_refused_not_crashing(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+def test_keys_whose_paths_would_collide_on_a_filesystem_are_both_cached(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     outer, inner = "users/u1/a.safetensors", "users/u1/a.safetensors/b.safetensors"
     for key in (outer, inner):
         put(s3_bucket, key, lora_bytes(tmp_path, "a", 100), tmp_path)
     cache = cache_of(s3_bucket, tmp_path / "cache")
-    cache.ensure(outer, "u1")
-    with pytest.raises(m.TaskError) as err:
-        cache.ensure(inner, "u1")
-    assert err.value.code == m.LORA_FORBIDDEN and "collides" in err.value.message
-    other = cache_of(s3_bucket, tmp_path / "cache2")
-    other.ensure(inner, "u1")
-    with pytest.raises(m.TaskError) as err:
-        other.ensure(outer, "u1")
-    assert err.value.code == m.LORA_FORBIDDEN
+    names = {cache.ensure(outer, "u1"), cache.ensure(inner, "u1")}
+    assert len(names) == 2 and all(RANDOM_NAME.fullmatch(n) for n in names), "flat random names cannot collide"
 
 
 def test_missing_object_is_lora_not_found(s3_bucket: S3Bucket, tmp_path: Path) -> None:
@@ -254,11 +259,11 @@ def test_in_use_files_are_never_evicted_cache_full_defers_and_too_large_fails(
     with pytest.raises(CacheFull) as full:
         cache.ensure(b, "u1")
     assert full.value.retriable and full.value.blocking == {a}
-    assert (tmp_path / "cache" / a).exists(), "the file of a job in processing/ was evicted"
+    assert file_of(tmp_path / "cache", a).exists(), "the file of a job in processing/ was evicted"
 
     spool.drop_processing("running")
     cache.ensure(b, "u1")
-    assert not (tmp_path / "cache" / a).exists() and (tmp_path / "cache" / b).exists()
+    assert not file_of(tmp_path / "cache", a).exists() and file_of(tmp_path / "cache", b).exists()
 
     reqs = Requests(s3_bucket)
     with pytest.raises(m.TaskError) as err:
@@ -285,7 +290,7 @@ def test_disk_free_floor_evicts_lru_and_refuses_when_nothing_can_go(s3_bucket: S
     cache.ensure(keys[0], "u1")
     time.sleep(0.01)
     cache.ensure(keys[1], "u1")  # 10M - 30k - 30k < floor + 30k: keys[0] (least recent) goes
-    assert not (root / keys[0]).exists() and (root / keys[1]).exists()
+    assert not file_of(root, keys[0]).exists() and file_of(root, keys[1]).exists()
     pinned.add(keys[1])
     with pytest.raises(CacheFull, match="free on disk"):
         cache.ensure(keys[2], "u1")
@@ -325,7 +330,7 @@ def test_fifty_tasks_over_eight_users_with_a_small_cache(s3_bucket: S3Bucket, tm
 
     def run_job(job: dict[str, Any]) -> None:
         """The 'GPU': the LoRA must stay intact under its name for the whole run."""
-        path = root / keys[job["userId"]]
+        path = file_of(root, keys[job["userId"]])
         for _ in range(3):
             assert path.read_bytes() == content[job["userId"]], f"{path} changed or vanished while in use"
             time.sleep(0.005)
@@ -380,7 +385,7 @@ class CountingStore:
     def get_to_file(self, key: str, path: Path, max_bytes: int | None = None) -> ObjectInfo:
         with self.lock:
             self.gets += 1
-            if (self.root / key).exists():
+            if file_of(self.root, key).exists():
                 self.present_at_get.append(key)
         return self.inner.get_to_file(key, path, max_bytes)
 
@@ -442,9 +447,9 @@ def test_concurrent_requests_across_processes_and_threads_download_once(s3_bucke
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         names.append(out.strip())
-    assert names == [key] * 6
+    assert names == [cache.comfy_name(key)] * 6
     assert reqs.delta().get("GetObject") == 1, reqs.delta()
-    assert (root / key).read_bytes() == data
+    assert file_of(root, key).read_bytes() == data
 
 
 def test_kill_9_mid_download_never_leaves_a_file_under_its_final_name(s3_bucket: S3Bucket, tmp_path: Path) -> None:
@@ -454,18 +459,18 @@ def test_kill_9_mid_download_never_leaves_a_file_under_its_final_name(s3_bucket:
     root, go = tmp_path / "cache", tmp_path / "go"
     go.touch()
     proc = spawn(s3_bucket, root, key, go, slow=True)
-    part = root / (key + ".part")
+    part = LoraCache(root, None).part_path(key)  # type: ignore[arg-type]
     wait_until(lambda: part.exists() and part.stat().st_size > 256 * 1024, 30, "a download in progress")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
-    assert not (root / key).exists(), "a killed download left a file under its final name"
+    assert not list(root.glob("*.safetensors")), "a killed download left a file under a final name"
     assert part.exists()
 
     cache = cache_of(s3_bucket, root, max_bytes=len(data) + 1000)
     assert cache.usage() == 0, "the dead download's reservation still counts"
     assert not part.exists(), "the scan removes what a killed download left"
-    assert cache.ensure(key, "u1") == key
-    assert (root / key).read_bytes() == data
+    assert cache.ensure(key, "u1") == cache.comfy_name(key)
+    assert file_of(root, key).read_bytes() == data
 
 
 # --------------------------------------------------------------------------------------------------- prefetch
@@ -494,9 +499,9 @@ def test_prefetch_fetches_next_jobs_loras_in_its_thread_and_poke_never_blocks(
     finally:
         prefetcher.close()
     assert prefetcher.fetched == 1
-    assert [(tmp_path / "cache" / k).exists() for k in keys] == [True, False, False], "only the next 2 jobs' keys"
+    assert [file_of(tmp_path / "cache", k).exists() for k in keys] == [True, False, False], "only the next 2 jobs' keys"
     reqs = Requests(s3_bucket)
-    assert cache.ensure(keys[0], "u0") == keys[0]
+    assert cache.ensure(keys[0], "u0") == cache.comfy_name(keys[0])
     assert reqs.delta() == {}, "the job finds its prefetched LoRA: no request"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ def test_prepare_binds_lora_and_images_and_cleanup_is_exact(s3_bucket: S3Bucket,
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for _ in range(2):  # idempotent: a restarted runner prepares again
         patched = prepare(the_job, store, loras, inputs, 10_000)
-    assert patched["10"]["inputs"]["lora_name"] == "users/u1/models/x.safetensors"
+    cached = loras.comfy_name("users/u1/models/x.safetensors")
+    assert patched["10"]["inputs"]["lora_name"] == cached and re.fullmatch(r"[0-9a-f]{32}\.safetensors", cached), \
+        "the name ComfyUI lists is random, not the key"
     assert patched["20"]["inputs"]["image"] == "selfix/t1/pose.png"
     assert patched["21"]["inputs"]["image"] == "selfix/t1/hand.png"
     assert sorted(p.name for p in input_dir_of(inputs, "t1").iterdir()) == ["hand.png", "pose.png"]
