@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,11 @@ def test_lora_from_s3_is_bound_and_images_land_in_the_bucket(make_node: Any, s3_
 
     images = assert_uploaded(s3_bucket, results["lora-1"], 3)
     prompt = json.loads(images[0].text["prompt"])  # the double embeds the prompt it ran, as ComfyUI does
-    assert prompt["10"]["inputs"]["lora_name"] == lora_key, "the workflow names the cached file ComfyUI lists"
-    cached = Path(node.env["LORA_CACHE_DIR"]) / lora_key
+    bound = prompt["10"]["inputs"]["lora_name"]
+    assert re.fullmatch(r"[0-9a-f]{32}\.safetensors", bound), "the workflow names the random file ComfyUI lists"
+    cached = Path(node.env["LORA_CACHE_DIR"]) / bound
     assert cached.read_bytes() == lora
+    assert not (Path(node.env["LORA_CACHE_DIR"]) / lora_key).exists(), "no file is named after its object key"
 
     hand_out, pose_out = assert_uploaded(s3_bucket, results["img-1"], 2)  # sorted names: hand.png, pose.png
     assert (hand_out.size, pose_out.size) == ((16, 32), (40, 24))

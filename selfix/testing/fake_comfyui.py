@@ -560,6 +560,61 @@ async def run_load_image(call: NodeCall) -> NodeOutput:
     return NodeOutput((images, masks))
 
 
+def load_image_output_inputs(_folders: FolderPaths) -> InputTypes:
+    # real: nodes.LoadImageOutput (EXPERIMENTAL): a COMBO filled by the UI from /internal/files/output; the value
+    # is "name [output]", resolved by the inherited load_image through get_annotated_filepath
+    return {"required": {"image": ("COMBO", {"image_upload": True, "image_folder": "output", "remote": {
+        "route": "/internal/files/output", "refresh_button": True, "control_after_refresh": "first"}})}}
+
+
+def list_input_files(folders: FolderPaths, ext: str) -> list[str]:
+    names = [f for f in os.listdir(folders.input_dir) if os.path.isfile(os.path.join(folders.input_dir, f))]
+    return sorted(f for f in names if f.endswith(ext))
+
+
+def load_latent_inputs(folders: FolderPaths) -> InputTypes:
+    return {"required": {"latent": [list_input_files(folders, ".latent")]}}
+
+
+def validate_load_latent(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
+    latent = args.get("latent")
+    if latent is None or not os.path.exists(folders.annotated_filepath(str(latent))):
+        return f"Invalid latent file: {latent}"
+    return True
+
+
+async def run_load_latent(call: NodeCall) -> NodeOutput:
+    # real: nodes.LoadLatent.load (safetensors.torch.load_file of the annotated path); here the file's bytes
+    # become the latent's seed, so whatever was read shows in the decoded picture
+    with open(call.env.folders.annotated_filepath(call.args["latent"]), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return NodeOutput(({"width": 64, "height": 64, "batch_size": 1, "seed": digest},))
+
+
+def load_video_inputs(folders: FolderPaths) -> InputTypes:
+    # real: comfy_extras.nodes_video.LoadVideo (input "file", a COMBO of the input folder's videos, with upload)
+    names = sorted(f for f in os.listdir(folders.input_dir) if os.path.isfile(os.path.join(folders.input_dir, f)))
+    return {"required": {"file": (names, {"video_upload": True})}}
+
+
+def validate_load_video(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
+    file = args.get("file")
+    if file is None or not os.path.exists(folders.annotated_filepath(str(file))):
+        return f"Invalid video file: {file}"
+    return True
+
+
+async def run_load_video(call: NodeCall) -> NodeOutput:
+    return NodeOutput((call.env.folders.annotated_filepath(call.args["file"]),))  # real: VideoFromFile(path)
+
+
+async def run_get_video_components(call: NodeCall) -> NodeOutput:
+    # real: comfy_extras.nodes_video.GetVideoComponents; the double decodes what PIL can (PNG, GIF, WebP)
+    img = Image.open(call.args["video"])
+    frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(img)]
+    return NodeOutput((frames, None, 24.0))
+
+
 async def run_checkpoint_loader(call: NodeCall) -> NodeOutput:
     name = call.args["ckpt_name"]
     check_model_file(call.env.folders.full_path_or_raise("checkpoints", name))
@@ -731,6 +786,16 @@ def _image_nodes() -> list[NodeDef]:
         }), (), run_preview_image, "Saves the input images to your ComfyUI output directory.", output_node=True),
         NodeDef("LoadImage", "Load Image", "image", load_image_inputs, ("IMAGE", "MASK"), run_load_image,
                 validate=validate_load_image, validate_args=("image",), is_changed=load_image_is_changed),
+        NodeDef("LoadImageOutput", "Load Image (from Outputs)", "image", load_image_output_inputs, ("IMAGE", "MASK"),
+                run_load_image, "Load an image from the output folder.", validate=validate_load_image,
+                validate_args=("image",), is_changed=load_image_is_changed),
+        NodeDef("LoadLatent", "LoadLatent", "_for_testing", load_latent_inputs, ("LATENT",), run_load_latent,
+                validate=validate_load_latent, validate_args=("latent",)),
+        NodeDef("LoadVideo", "Load Video", "image/video", load_video_inputs, ("VIDEO",), run_load_video,
+                validate=validate_load_video, validate_args=("file",), python_module="comfy_extras.nodes_video"),
+        NodeDef("GetVideoComponents", "Get Video Components", "image/video", _static({"required": {
+            "video": ("VIDEO",)}}), ("IMAGE", "AUDIO", "FLOAT"), run_get_video_components,
+            python_module="comfy_extras.nodes_video"),
     ]
 
 
