@@ -133,3 +133,50 @@ def test_real_comfyui_killed_mid_job_is_restarted_and_the_job_retried(make_node:
     assert_images(node, result)
     assert result["metadata"]["attempts"] == 2, result
     assert_clean_spool(node)
+
+
+def test_cross_tenant_attempts_never_reach_the_real_comfyui(make_node: Any) -> None:
+    """The attempts of tests/test_isolation_e2e.py against a real ComfyUI: each refused with its code, none in
+    ComfyUI's /history, while weight-free legitimate tasks complete."""
+    import urllib.request
+
+    from selfix.comfy import prompt_id_for
+    from tests.test_isolation_e2e import VICTIM_LORA, attacks, load_image, plant_victim_files, png
+
+    node: Node = make_node("real-isolation", env={
+        "COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+        "COMFY_ARGS": os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu") + " --database-url sqlite:///:memory:"})
+    write_safetensors(node.store / VICTIM_LORA, b"\1" * 128)
+    write_safetensors(node.store / "users/u2/models/own.safetensors", b"\2" * 128)
+    node.start()
+    victim = {"taskId": "v-lora", "userId": "u1", "loraModel": VICTIM_LORA, "workflow": {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "10": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name":
+               "tiny_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "v"}}}}
+    node.drop("v-lora.json", victim)  # the LoRA is cached whatever the (weight-less) run does
+    node.wait_results({"v-lora"}, timeout=120)
+    cache = Path(node.env["LORA_CACHE_DIR"])
+    cached = next(json.loads(p.read_bytes())["file"] for p in (cache / ".selfix" / "meta").glob("*.json"))
+    os.symlink(cache / cached, cache / "planted.safetensors")
+    plant_victim_files(Path(node.env["COMFY_INPUT_DIR"]), Path(node.env["COMFY_OUTPUT_DIR"]),
+                       Path(node.env["TEMP_DIR"]) / "temp")
+    rows = attacks(cached, node)
+    for task_id, extra, _ in rows:
+        node.drop(f"{task_id}.json", {"taskId": task_id, "userId": "u2", **extra})
+    blue = "data:image/png;base64," + base64.b64encode(png((0, 0, 250))).decode()
+    legit = {"l-demo": JOBS["real-demo"] | {"taskId": "l-demo", "priority": -1},
+             "l-image": {"taskId": "l-image", "userId": "u2", "priority": -1, "workflow": load_image("pose.png"),
+                         "images": {"pose.png": blue}}}
+    for task_id, msg in legit.items():
+        node.drop(f"{task_id}.json", msg)
+    results = node.wait_results({t for t, _, _ in rows} | set(legit), timeout=180)
+    assert {t: results[t].get("error", {}).get("code") for t, _, _ in rows} == {t: code for t, _, code in rows}
+    for task_id in legit:
+        assert_images(node, results[task_id])
+    for task_id, _, _ in rows:
+        url = f"http://127.0.0.1:{node.env['COMFY_PORT']}/history/{prompt_id_for(task_id, 1)}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert json.loads(resp.read()) == {}, f"{task_id} reached the real ComfyUI"
