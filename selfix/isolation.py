@@ -20,7 +20,8 @@ or no extension and no path) is none of these and passes untouched. A file refer
 4. allowed if it is one of the task's bindings (its loraModel keys and their basenames, its image names; after
    binding, the cached LoRA names and `selfix/<taskId>/<image>`);
 5. refused if it is an object key under some user's prefix (`users/<id>/...`): a key the task did not bind;
-6. allowed if it names an operator's model under MODELS_DIR (exactly, as ComfyUI lists it for a folder kind);
+6. allowed if it names an operator's model under MODELS_DIR (exactly, as ComfyUI lists it for a folder kind), unless
+   a tenant folder lists the same name (then ComfyUI could pick either: refused);
 7. refused if it names (case-insensitively, by path or any path suffix down to the basename) a file in the LoRA
    cache or in ComfyUI's input, output or temp folder: other tasks' files;
 8. otherwise passed on: ComfyUI finds no file of that name and answers `value_not_in_list` (`invalid_workflow`).
@@ -105,6 +106,7 @@ class Listing:
 
     shared: frozenset[str] = frozenset()
     tenant: dict[str, str] = field(default_factory=dict)
+    exact: frozenset[str] = frozenset()  # tenant names as a folder of ComfyUI lists them: refused even if shared
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,9 @@ def judge(value: str, input_name: str, class_type: str, grant: Grant, listing: L
         whose = "this user's" if match["user"] == grant.user_id else "another user's"
         return (INPUT_FORBIDDEN if ctx == INPUT_FORBIDDEN else LORA_FORBIDDEN,
                 f"is {whose} object key but not one of this task's loraModel/images")
-    if name in listing.shared:
-        return None
     kind = listing.tenant.get(name.casefold())
+    if name in listing.shared and name.casefold() not in listing.exact:
+        return None
     if kind is not None:
         code = LORA_FORBIDDEN if kind == "lora" else INPUT_FORBIDDEN
         what = "a cached LoRA" if kind == "lora" else f"a file in ComfyUI's {kind} folder"
@@ -333,26 +335,31 @@ def list_roots(roots: Roots, lora_keys: Iterable[str] = ()) -> Listing:
     shared: set[str] = set()
     if roots.models_dir is not None:
         for rel in _walk(roots.models_dir, follow=True, dirs=True):
-            parts = rel.split("/")
-            shared.update("/".join(parts[i:]) for i in range(1, len(parts)))  # relative to each folder kind
+            parts = rel.split("/")  # relative to a kind's folder (checkpoints/) or a nested one (ultralytics/bbox/)
+            shared.update("/".join(parts[i:]) for i in range(1, min(3, len(parts))))
     tenant: dict[str, str] = {}
+    exact: set[str] = set()
     places = (("lora", roots.lora_cache_dir), ("input", roots.input_dir), ("output", roots.output_dir),
               ("temp", roots.temp_dir))
     for kind, root in places:
         if root is None:
             continue
         for rel in _walk(root, follow=False, dirs=False):
-            _add_tenant(tenant, rel, kind)
+            _add_tenant(tenant, exact, rel, kind)
     for key in lora_keys:
-        _add_tenant(tenant, key, "lora")
-    return Listing(frozenset(shared), tenant)
+        _add_tenant(tenant, exact, key, "lora")
+    return Listing(frozenset(shared), tenant, frozenset(exact))
 
 
-def _add_tenant(tenant: dict[str, str], rel: str, kind: str) -> None:
+def _add_tenant(tenant: dict[str, str], exact: set[str], rel: str, kind: str) -> None:
+    """Every path suffix down to the basename; the path itself and the one below a first-level folder (how
+    ComfyUI lists output/loras/x as a LoRA) are exact."""
     parts = rel.split("/")
     for i in range(len(parts)):
-        suffix = "/".join(parts[i:])
-        tenant.setdefault(suffix.casefold(), kind)
+        suffix = "/".join(parts[i:]).casefold()
+        tenant.setdefault(suffix, kind)
+        if i <= 1:
+            exact.add(suffix)
 
 
 def _walk(root: Path, *, follow: bool, dirs: bool) -> Iterator[str]:

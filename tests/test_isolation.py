@@ -370,3 +370,15 @@ def test_a_symlink_planted_in_the_cache_is_never_a_valid_copy(tmp_path: Path) ->
     assert (root / again).read_bytes() == (tmp_path / "store" / VICTIM_KEY).read_bytes()
     cache.usage()  # a scan removes planted links
     assert not (root / "planted.safetensors").is_symlink() and secret.exists()
+
+
+def test_a_shared_name_that_a_tenant_folder_also_lists_is_refused(roots: iso.Roots) -> None:
+    """ComfyUI searches every folder of a kind: a LoRA in output/loras/ (written by a denied trainer, say) under the
+    same name as an operator's base LoRA could be the one it loads."""
+    assert roots.output_dir is not None
+    write_safetensors(roots.output_dir / "loras" / "base-style.safetensors")
+    listing = iso.list_roots(roots)
+    with pytest.raises(TaskError) as err:
+        iso.check_workflow({"1": node("LoraLoader", lora_name="base-style.safetensors")}, GRANT, listing, POLICY)
+    assert err.value.code == m.INPUT_FORBIDDEN
+    iso.check_workflow({"1": node("LoraLoader", lora_name="style.safetensors")}, GRANT, listing, POLICY)
