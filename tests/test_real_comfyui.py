@@ -167,9 +167,10 @@ def test_cross_tenant_attempts_never_reach_the_real_comfyui(make_node: Any) -> N
     for task_id, extra, _ in rows:
         node.drop(f"{task_id}.json", {"taskId": task_id, "userId": "u2", **extra})
     blue = "data:image/png;base64," + base64.b64encode(png((0, 0, 250))).decode()
-    legit = {"l-demo": JOBS["real-demo"] | {"taskId": "l-demo", "priority": -1},
-             "l-image": {"taskId": "l-image", "userId": "u2", "priority": -1, "workflow": load_image("pose.png"),
+    legit = {"l-demo": JOBS["real-demo"] | {"taskId": "l-demo"},
+             "l-image": {"taskId": "l-image", "userId": "u2", "workflow": load_image("pose.png"),
                          "images": {"pose.png": blue}}}
+    node.wait_results({t for t, _, _ in rows}, timeout=180)
     for task_id, msg in legit.items():
         node.drop(f"{task_id}.json", msg)
     results = node.wait_results({t for t, _, _ in rows} | set(legit), timeout=180)
