@@ -2,7 +2,7 @@
 
 Layout (ComfyUI lists only the `*.safetensors` files; everything else is invisible to it):
 
-    <root>/<random>.safetensors       the LoRA, under a random name chosen per download (ComfyUI lists that name)
+    <root>/<random>.safetensors       the LoRA, under a random name chosen when first cached (ComfyUI lists it)
     <root>/<h>.part                   a download in progress (or left by a killed one: removed by the next scan)
     <root>/.selfix/meta/<h>.json      what was fetched: key, file name, ETag, size, when S3 last confirmed it
     <root>/.selfix/locks/<h>.lock     fcntl lock of one key; while a download runs it also holds its reserved size
@@ -159,7 +159,7 @@ _PART_RE = re.compile(r"^[0-9a-f]{40}\.part$")
 
 
 def random_name() -> str:
-    """A cached file's name: 128 random bits, unrelated to the key, new for every download."""
+    """A cached file's name: 128 random bits, unrelated to the key."""
     return f"{secrets.token_hex(16)}{SUFFIX}"
 
 
@@ -488,7 +488,10 @@ class LoraCache:
 
     def _download(self, key: str, lock: _Lock, size: int | None, keep: frozenset[str]) -> None:
         old = self._read_meta(key)
-        target, part = self.root / random_name(), self.part_path(key)
+        # A changed object replaces its file under the same name (a job queued in ComfyUI with that name reads the
+        # new bytes, as before); a new object gets a new random name.
+        target = self.root / (old.file if old is not None and old.file else random_name())
+        part = self.part_path(key)
         for _ in range(3):
             if size is None:
                 if time.monotonic() < self._store_down_until:
@@ -516,9 +519,6 @@ class LoraCache:
                     os.replace(part, target)
                     self._write_meta(Meta(key, info.etag, info.size, time.time(), target.name))
                     lock.write("")
-                    if old is not None and old.name != target.name:  # the replaced copy of a changed object
-                        with contextlib.suppress(OSError):
-                            (self.root / old.name).unlink()
                 _fsync_dir(target.parent)
             except ObjectTooLarge:
                 size = None  # replaced by a larger object since the HEAD: reserve again

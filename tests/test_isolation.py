@@ -365,9 +365,9 @@ def test_a_symlink_planted_in_the_cache_is_never_a_valid_copy(tmp_path: Path) ->
     (root / name).unlink()
     (root / name).symlink_to(secret)  # same size: only lstat tells it apart
     (root / "planted.safetensors").symlink_to(secret)
-    again = cache.ensure(VICTIM_KEY, "u1")
-    assert again != name and not (root / again).is_symlink()
-    assert (root / again).read_bytes() == (tmp_path / "store" / VICTIM_KEY).read_bytes()
+    assert cache.ensure(VICTIM_KEY, "u1") == name
+    assert not (root / name).is_symlink(), "the link was replaced by a verified download, not followed"
+    assert (root / name).read_bytes() == (tmp_path / "store" / VICTIM_KEY).read_bytes()
     cache.usage()  # a scan removes planted links
     assert not (root / "planted.safetensors").is_symlink() and secret.exists()
 
