@@ -310,6 +310,8 @@ def test_builtin_templates_and_readme_examples_pass_unchanged() -> None:
     example["workflow"] = {"10": node("LoraLoader", lora_name="style.safetensors"),
                            "11": node("LoadImage", image="pose.png"), "12": node("SaveImage", filename_prefix="x")}
     parse_task(json.dumps(example).encode(), Limits(), catalog)
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.json")):
+        parse_task(path.read_bytes(), Limits(), catalog)  # the examples a newcomer submits first
 
 
 def test_value_not_in_list_errors_lose_the_list_of_cached_names() -> None:
