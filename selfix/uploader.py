@@ -17,6 +17,7 @@ from loguru import logger
 
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
+from selfix.messages import staged_name
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
@@ -116,25 +117,30 @@ class Uploader:
         remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
         self.failures.pop(task_id, None)
         self.not_before.pop(task_id, None)
-        log.info("published: {} ({} image(s))", result.get("status"), len(result.get("imagePaths") or []))
+        log.info("published: {} ({} image(s), {} output(s))", result.get("status"), len(result.get("imagePaths") or []),
+                 len(result.get("outputs") or []))
 
     def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
-        """Every image of the result, a few at a time; any failure raises (after the others finished)."""
+        """Every object of the result (stills, videos, audio, ...), a few at a time, each streamed from its file
+        (multipart above the part size, so memory stays bounded whatever the size); any failure raises (after
+        the others finished)."""
         folder = self.spool.outbox_dir(task_id)
-        keys = list(result.get("imagePaths") or [])
+        objects = upload_list(result)
 
-        def put(key: str) -> None:
-            path = folder / Path(key).name
-            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        def put(item: tuple[str, str]) -> None:
+            key, content_type = item
+            path = folder / staged_name(key)
+            if not path.exists():
+                path = folder / Path(key).name  # a result staged before outputs/ existed
             self.store.put_file(key, path, content_type)
             crashpoint(self.settings, self.spool, "uploader.mid_upload")
 
-        if len(keys) <= 1:
-            for key in keys:
-                put(key)
+        if len(objects) <= 1:
+            for item in objects:
+                put(item)
             return
-        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(keys)), thread_name_prefix="upload") as pool:
-            for future in [pool.submit(put, key) for key in keys]:
+        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(objects)), thread_name_prefix="upload") as pool:
+            for future in [pool.submit(put, item) for item in objects]:
                 future.result()
 
     def postpone(self, task_id: str, exc: Exception) -> None:
@@ -153,6 +159,18 @@ class Uploader:
         removed = self.spool.prune_done(self.settings.done_retention_h * 3600)
         if removed:
             logger.info("pruned {} done/ entries older than {:g}h", removed, self.settings.done_retention_h)
+
+
+def upload_list(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(object key, content type) of every file a result names: its `outputs` entries with an objectKey, and
+    for results written before `outputs` existed, its imagePaths (type from the name; they were PNGs)."""
+    found: dict[str, str] = {}
+    for entry in result.get("outputs") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("objectKey"), str):
+            found[entry["objectKey"]] = str(entry.get("contentType") or "application/octet-stream")
+    for key in result.get("imagePaths") or []:
+        found.setdefault(key, mimetypes.guess_type(key)[0] or "application/octet-stream")
+    return list(found.items())
 
 
 def make_publisher(settings: Settings, spool: Spool | None = None) -> Publisher:
