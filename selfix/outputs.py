@@ -53,7 +53,7 @@ def sniff(head: bytes) -> str:
         brand = head[8:12]
         return "video/quicktime" if brand == b"qt  " else "audio/mp4" if brand == b"M4A " else "video/mp4"
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska family; the DocType says which
-        return "video/webm" if b"webm" in head else "video/x-matroska"
+        return "video/x-matroska" if b"matroska" in head else "video/webm"
     if head.startswith(b"fLaC"):
         return "audio/flac"
     if head.startswith(b"OggS"):

@@ -1,0 +1,132 @@
+"""selfix.outputs: file types from magic bytes, cheap facts (dimensions, frames, duration), still encodings."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from selfix.outputs import Encoding, Plan, encode_still, extension, kind_of, png_text, probe, sniff, stage_outputs
+from selfix.testing.fake_comfyui import write_fake_flac, write_fake_mp4, write_fake_webm
+from selfix.workflow import OutputItem
+
+CAPTURES = Path(__file__).parent / "data" / "comfyui-captures"
+
+
+def test_sniff_recognises_every_recorded_view_by_its_magic() -> None:
+    media = json.loads((CAPTURES / "media_outputs.json").read_text())
+    for case in media.values():
+        for view in case["views"]:
+            if view["key"] == "latents":
+                continue  # safetensors under .latent: no magic, application/octet-stream as ComfyUI says
+            assert sniff(bytes.fromhex(view["magic_hex"])) == view["content_type"], view
+
+
+@pytest.mark.parametrize(("head", "content_type"), [
+    (b"RIFF\0\0\0\0WAVEfmt ", "audio/wav"), (b"fLaC\0", "audio/flac"), (b"OggS\0", "audio/ogg"),
+    (b"ID3\x04", "audio/mpeg"), (b"glTF\x02\0\0\0", "model/gltf-binary"), (b"GIF89a", "image/gif"),
+    (b"\xff\xd8\xff\xe0", "image/jpeg"), (b"\0\0\0\x14ftypqt  ", "video/quicktime"),
+    (b"\x1a\x45\xdf\xa3\x9f\x42\x82\x88matroska", "video/x-matroska"), (b"hello", "application/octet-stream"),
+    (b"", "application/octet-stream"),
+])
+def test_sniff_other_types(head: bytes, content_type: str) -> None:
+    assert sniff(head) == content_type
+
+
+def test_kinds_and_extensions() -> None:
+    assert [kind_of(t, False) for t in ("image/png", "video/mp4", "audio/flac", "model/gltf-binary", "x/y")] == [
+        "image", "video", "audio", "mesh", "file"]
+    assert kind_of("image/webp", True) == "animation"
+    assert extension("video/mp4", "clip.bin") == "mp4"  # the bytes decide, not the name
+    assert extension("application/octet-stream", "latent_00001_.latent") == "latent"
+    assert extension("application/octet-stream", "weird.t@r") == "bin"
+
+
+def frames(n: int = 8, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    return [Image.new("RGB", size, (i * 20, 40, 200)) for i in range(n)]
+
+
+def test_probe_reads_cheap_facts(tmp_path: Path) -> None:
+    write_fake_mp4(str(tmp_path / "v.mp4"), frames(), 8.0)
+    write_fake_webm(str(tmp_path / "v.webm"), frames())
+    write_fake_flac(str(tmp_path / "a.flac"), {"sample_rate": 44100, "channels": 2, "samples": 66150})
+    frames()[0].save(tmp_path / "a.png", save_all=True, append_images=frames()[1:3], duration=100)
+    frames()[0].save(tmp_path / "still.jpg")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    facts = {name: probe(tmp_path / name) for name in ("v.mp4", "v.webm", "a.flac", "a.png", "still.jpg", "junk.png")}
+    assert facts["v.mp4"].facts() == {"width": 64, "height": 48, "duration": 1.0}
+    assert facts["v.webm"].content_type == "video/webm" and facts["v.webm"].facts() == {}
+    assert facts["a.flac"].facts() == {"duration": 1.5}
+    assert facts["a.png"].facts() == {"width": 64, "height": 48, "frames": 3, "duration": 0.3}
+    assert facts["still.jpg"].content_type == "image/jpeg" and facts["still.jpg"].facts() == {"width": 64,
+                                                                                               "height": 48}
+    assert facts["junk.png"].content_type == "image/png" and facts["junk.png"].facts() == {}
+    assert facts["v.mp4"].size == (tmp_path / "v.mp4").stat().st_size
+
+
+def comfy_png(path: Path) -> None:
+    info = PngInfo()
+    info.add_text("prompt", json.dumps({"10": {"inputs": {"lora_name": "users/u1/models/x.safetensors"}}}))
+    info.add_text("workflow", json.dumps({"note": "x"}))
+    Image.new("RGBA", (32, 16), (10, 20, 30, 255)).save(path, pnginfo=info)
+
+
+def test_png_metadata_is_stripped_without_touching_the_pixels(tmp_path: Path) -> None:
+    comfy_png(tmp_path / "in.png")
+    assert encode_still(tmp_path / "in.png", tmp_path / "out.png", "image/png", Encoding()) == "image/png"
+    assert png_text(tmp_path / "out.png") == {} and b"lora_name" not in (tmp_path / "out.png").read_bytes()
+    with Image.open(tmp_path / "in.png") as a, Image.open(tmp_path / "out.png") as b:
+        assert a.tobytes() == b.tobytes() and a.mode == b.mode
+    encode_still(tmp_path / "in.png", tmp_path / "kept.png", "image/png", Encoding(strip_metadata=False))
+    assert (tmp_path / "kept.png").read_bytes() == (tmp_path / "in.png").read_bytes()
+
+
+@pytest.mark.parametrize(("fmt", "strip"), [("webp", True), ("webp", False), ("jpeg", True), ("jpeg", False),
+                                            ("png", False)])
+def test_re_encoding(tmp_path: Path, fmt: str, strip: bool) -> None:
+    comfy_png(tmp_path / "in.png")
+    got = encode_still(tmp_path / "in.png", tmp_path / "out", "image/png", Encoding(fmt, 90 if fmt != "png" else None,
+                                                                                   strip))
+    assert got == f"image/{fmt}" and sniff((tmp_path / "out").read_bytes()[:64]) == got
+    with Image.open(tmp_path / "out") as img:
+        assert img.size == (32, 16)
+        assert all(abs(a - b) <= 3 for a, b in zip(img.convert("RGB").getpixel((3, 3)), (10, 20, 30), strict=True))
+        has_prompt = "lora_name" in (img.getexif().get(0x0110, "") + str(img.info.get("prompt", "")))
+    assert has_prompt is not strip
+
+
+def test_stage_outputs_numbers_stills_and_others_apart(tmp_path: Path) -> None:
+    source = tmp_path / "comfy"
+    source.mkdir()
+    comfy_png(source / "a.png")
+    write_fake_mp4(str(source / "v.mp4"), frames(), 4.0)
+    (source / "v.latent").write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    items = [OutputItem("2", "images", file={"filename": "a.png", "subfolder": "", "type": "output"}),
+             OutputItem("3", "images", file={"filename": "v.mp4", "subfolder": "", "type": "output"}, animated=True),
+             OutputItem("4", "latents", file={"filename": "v.latent", "subfolder": "", "type": "output"}),
+             OutputItem("5", "text", text="x" * 10)]
+
+    async def download(item: dict[str, str], target: Path, max_bytes: int | None) -> int:
+        data = (source / item["filename"]).read_bytes()
+        target.write_bytes(data)
+        return len(data)
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    plan = Plan("users/u/", "t", Encoding(), 1 << 20, 4)
+    done = asyncio.run(stage_outputs(items, download, staged, plan))
+    assert done.image_paths == ["users/u/images/t-0.png"]
+    assert [(o["kind"], o.get("objectKey")) for o in done.outputs] == [
+        ("image", "users/u/images/t-0.png"), ("video", "users/u/outputs/t-0.mp4"),
+        ("file", "users/u/outputs/t-1.latent"), ("text", "users/u/outputs/t-2.txt")]
+    assert sorted(p.name for p in staged.iterdir()) == ["images.t-0.png", "outputs.t-0.mp4", "outputs.t-1.latent",
+                                                        "outputs.t-2.txt"]
+    sizes: dict[str, Any] = {o["objectKey"]: o["bytes"] for o in done.outputs}
+    assert sizes["users/u/outputs/t-0.mp4"] == (source / "v.mp4").stat().st_size
+    assert io.BytesIO((staged / "outputs.t-2.txt").read_bytes()).read() == b"x" * 10
