@@ -22,7 +22,7 @@ from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
-from selfix.storage import ObjectStore, StorageError, open_store
+from selfix.storage import DEFAULT_PART_SIZE, ObjectStore, StorageError, open_store
 
 IDLE_POLL_S = 0.05
 PRUNE_EVERY_S = 600.0
@@ -121,27 +121,36 @@ class Uploader:
                  len(result.get("outputs") or []))
 
     def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
-        """Every object of the result (stills, videos, audio, ...), a few at a time, each streamed from its file
-        (multipart above the part size, so memory stays bounded whatever the size); any failure raises (after
-        the others finished)."""
+        """Every object of the result (stills, videos, audio, ...), each streamed from its file; any failure raises
+        (after the others finished).
+
+        Memory stays bounded whatever the outputs' sizes: a single-part PUT holds at most one part size, so small
+        files go UPLOAD_THREADS at a time; a multipart upload holds a few parts itself (the client's own parallel
+        parts), so large files go one at a time, after the small ones.
+        """
         folder = self.spool.outbox_dir(task_id)
-        objects = upload_list(result)
+
+        def path_of(key: str) -> Path:
+            path = folder / staged_name(key)
+            return path if path.exists() else folder / Path(key).name  # a result staged before outputs/ existed
 
         def put(item: tuple[str, str]) -> None:
             key, content_type = item
-            path = folder / staged_name(key)
-            if not path.exists():
-                path = folder / Path(key).name  # a result staged before outputs/ existed
-            self.store.put_file(key, path, content_type)
+            self.store.put_file(key, path_of(key), content_type)
             crashpoint(self.settings, self.spool, "uploader.mid_upload")
 
-        if len(objects) <= 1:
-            for item in objects:
+        objects = upload_list(result)
+        large = [o for o in objects if _size(path_of(o[0])) > DEFAULT_PART_SIZE]
+        small = [o for o in objects if o not in large]
+        if len(small) > 1:
+            with ThreadPoolExecutor(min(UPLOAD_THREADS, len(small)), thread_name_prefix="upload") as pool:
+                for future in [pool.submit(put, item) for item in small]:
+                    future.result()
+        else:
+            for item in small:
                 put(item)
-            return
-        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(objects)), thread_name_prefix="upload") as pool:
-            for future in [pool.submit(put, item) for item in objects]:
-                future.result()
+        for item in large:
+            put(item)
 
     def postpone(self, task_id: str, exc: Exception) -> None:
         count = self.failures.get(task_id, 0) + 1
@@ -159,6 +168,13 @@ class Uploader:
         removed = self.spool.prune_done(self.settings.done_retention_h * 3600)
         if removed:
             logger.info("pruned {} done/ entries older than {:g}h", removed, self.settings.done_retention_h)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # missing: put_file raises the specific error
 
 
 def upload_list(result: dict[str, Any]) -> list[tuple[str, str]]:
