@@ -300,6 +300,45 @@ def strip_png_text(source: Path, target: Path) -> None:
                 break
 
 
+WEBP_META_CHUNKS = {b"EXIF": 0x08, b"XMP ": 0x04}  # chunk -> its VP8X flag bit
+
+
+def strip_webp_metadata(source: Path, target: Path) -> None:
+    """Copy a (possibly animated) WebP without its EXIF/XMP chunks, where ComfyUI's SaveAnimatedWEBP puts the
+    prompt and workflow; the VP8X flags and the RIFF size are fixed up. Two passes over the chunk headers."""
+    with open(source, "rb") as src:
+        end = os.fstat(src.fileno()).st_size
+        chunks = []
+        pos = 12
+        while pos + 8 <= end:
+            src.seek(pos)
+            kind, length = struct.unpack("<4sI", src.read(8))
+            chunks.append((kind, pos, 8 + length + (length & 1)))
+            pos += 8 + length + (length & 1)
+        kept = [c for c in chunks if c[0] not in WEBP_META_CHUNKS]
+        with open(target, "wb") as dst:
+            dst.write(b"RIFF" + struct.pack("<I", 4 + sum(size for _, _, size in kept)) + b"WEBP")
+            for kind, start, size in kept:
+                src.seek(start)
+                if kind == b"VP8X":
+                    head = bytearray(src.read(size))
+                    head[8] &= ~(WEBP_META_CHUNKS[b"EXIF"] | WEBP_META_CHUNKS[b"XMP "]) & 0xFF
+                    dst.write(head)
+                else:
+                    _copy_or_skip(src, dst, size, True)
+
+
+def strip_animation(source: Path, target: Path, content_type: str) -> bool:
+    """Metadata out of an animated PNG/WebP, frames untouched; False for other types (copied as they are)."""
+    if content_type == "image/png":
+        strip_png_text(source, target)
+    elif content_type == "image/webp":
+        strip_webp_metadata(source, target)
+    else:
+        return False
+    return True
+
+
 def _copy_or_skip(src: BinaryIO, dst: BinaryIO, count: int, keep: bool) -> None:
     if not keep:
         src.seek(count, os.SEEK_CUR)
@@ -368,9 +407,16 @@ async def stage_outputs(items: list[OutputItem], download: Download, folder: Pat
             await _stage_still(item, raw, found, folder, plan, staged)
             continue
         key = staged.next_other(plan, extension(found.content_type, item.file["filename"]))
-        os.replace(raw, folder / m.staged_name(key))
+        target = folder / m.staged_name(key)
+        size = found.size
+        if kind == "animation" and plan.encoding.strip_metadata and await asyncio.to_thread(
+                strip_animation, raw, target, found.content_type):
+            raw.unlink()
+            size = target.stat().st_size
+        else:
+            os.replace(raw, target)  # videos, audio, meshes: as the node wrote them
         staged.outputs.append(m.output_entry(item.node, item.key, kind, object_key=key,
-                                             content_type=found.content_type, size=found.size,
+                                             content_type=found.content_type, size=size,
                                              facts=found.facts(), hints=item.hints))
     return staged
 

@@ -130,3 +130,26 @@ def test_stage_outputs_numbers_stills_and_others_apart(tmp_path: Path) -> None:
     sizes: dict[str, Any] = {o["objectKey"]: o["bytes"] for o in done.outputs}
     assert sizes["users/u/outputs/t-0.mp4"] == (source / "v.mp4").stat().st_size
     assert io.BytesIO((staged / "outputs.t-2.txt").read_bytes()).read() == b"x" * 10
+
+
+def test_animations_lose_their_metadata_but_keep_every_frame(tmp_path: Path) -> None:
+    from selfix.outputs import strip_animation
+
+    anim = frames(4)
+    exif = Image.Exif()
+    exif[0x0110] = 'prompt:{"10": {"inputs": {"lora_name": "users/u1/models/x.safetensors"}}}'
+    anim[0].save(tmp_path / "a.webp", save_all=True, append_images=anim[1:], duration=100, exif=exif, lossless=True)
+    info = PngInfo()
+    info.add_text("prompt", '{"lora_name": "users/u1/models/x.safetensors"}')
+    anim[0].save(tmp_path / "a.png", save_all=True, append_images=anim[1:], duration=100, pnginfo=info)
+    for name, content_type in (("a.webp", "image/webp"), ("a.png", "image/png")):
+        assert strip_animation(tmp_path / name, tmp_path / f"out-{name}", content_type)
+        data = (tmp_path / f"out-{name}").read_bytes()
+        assert b"lora_name" in (tmp_path / name).read_bytes() and b"lora_name" not in data
+        with Image.open(tmp_path / name) as before, Image.open(tmp_path / f"out-{name}") as after:
+            assert after.n_frames == before.n_frames == 4
+            for index in range(4):
+                before.seek(index)
+                after.seek(index)
+                assert before.convert("RGB").tobytes() == after.convert("RGB").tobytes()
+    assert not strip_animation(tmp_path / "a.png", tmp_path / "x", "image/gif")

@@ -149,6 +149,7 @@ def check_animated_webp(result: dict[str, Any], bucket: S3Bucket) -> None:
     assert (entry["width"], entry["height"]) == (64, 48) and result["imagePaths"] == []
     data = objects[entry["objectKey"]]
     assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    assert b"prompt:" not in data  # the double embeds it in EXIF as SaveAnimatedWEBP does; stripped by default
 
 
 def check_mixed(result: dict[str, Any], bucket: S3Bucket) -> None:
