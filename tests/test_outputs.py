@@ -153,3 +153,41 @@ def test_animations_lose_their_metadata_but_keep_every_frame(tmp_path: Path) -> 
                 after.seek(index)
                 assert before.convert("RGB").tobytes() == after.convert("RGB").tobytes()
     assert not strip_animation(tmp_path / "a.png", tmp_path / "x", "image/gif")
+
+
+def test_uploader_puts_every_output_and_results_staged_before_outputs_existed(tmp_path: Path) -> None:
+    from selfix import messages as m
+    from selfix.process import StopFlags
+    from selfix.settings import load
+    from selfix.spool import Spool
+    from selfix.storage import LocalStore
+    from selfix.uploader import NoPublisher, Uploader, upload_list
+
+    settings = load({"SPOOL_DIR": str(tmp_path / "spool"), "STORE_DIR": str(tmp_path / "store"),
+                     "COMFY_OUTPUT_DIR": str(tmp_path / "out"), "COMFY_INPUT_DIR": str(tmp_path / "in")})
+    spool = Spool(settings.spool_dir).ensure()
+    uploader = Uploader(settings, spool, LocalStore(settings.store_dir), NoPublisher(), StopFlags())
+    new = m.completed_result({"taskId": "new", "userId": "u1"}, ["users/u1/images/new-0.png"], {}, [
+        m.output_entry("2", "images", "image", object_key="users/u1/images/new-0.png", content_type="image/png",
+                       size=3),
+        m.output_entry("3", "images", "video", object_key="users/u1/outputs/new-0.png", content_type="image/png",
+                       size=5),
+        m.output_entry("4", "text", "text", text="hi", content_type="text/plain; charset=utf-8", size=2)])
+    assert upload_list(new) == [("users/u1/images/new-0.png", "image/png"), ("users/u1/outputs/new-0.png",
+                                                                             "image/png")]
+    staged = spool.stage_result("new")
+    (staged / "images.new-0.png").write_bytes(b"img")
+    (staged / "outputs.new-0.png").write_bytes(b"video")
+    spool.publish_result(staged, new)
+    old = {"taskId": "old", "userId": "u1", "status": "completed", "imagePath": "users/u1/images/old-0.png",
+           "imagePaths": ["users/u1/images/old-0.png"], "metadata": {}}  # written by a runner before `outputs`
+    staged = spool.stage_result("old")
+    (staged / "old-0.png").write_bytes(b"old")
+    spool.publish_result(staged, old)
+    uploader.deliver("new")
+    uploader.deliver("old")
+    store = settings.store_dir / "users" / "u1"
+    assert (store / "images" / "new-0.png").read_bytes() == b"img"
+    assert (store / "outputs" / "new-0.png").read_bytes() == b"video"
+    assert (store / "images" / "old-0.png").read_bytes() == b"old"
+    assert spool.read_done("new") == new and spool.read_done("old") == old
