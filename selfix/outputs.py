@@ -36,6 +36,7 @@ ENCODINGS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 # PNG chunks that carry text: ComfyUI's SaveImage writes the prompt and workflow (LoRA names included) as tEXt.
 PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
 MP4_MAX_BOXES = 4096  # top-level boxes scanned for moov; real files have < 10
+MAX_DURATION_FRAMES = 1000  # an animation's duration needs a seek (a decode) per frame: skipped beyond this
 
 
 def sniff(head: bytes) -> str:
@@ -123,7 +124,7 @@ def _probe_image(path: Path, content_type: str, size: int) -> Probe:
         with Image.open(path) as img:  # lazy: reads the header, not the pixels
             frames = int(getattr(img, "n_frames", 1))
             duration = None
-            if frames > 1:
+            if 1 < frames <= MAX_DURATION_FRAMES:
                 total = 0
                 for index in range(frames):
                     img.seek(index)
@@ -248,8 +249,9 @@ def encode_still(source: Path, target: Path, content_type: str, enc: Encoding) -
     """
     wanted = ENCODINGS.get(enc.format or "", content_type)
     if wanted == content_type and enc.quality is None:
-        if enc.strip_metadata and content_type == "image/png":
-            strip_png_text(source, target)
+        strip = {"image/png": strip_png_text, "image/webp": strip_webp_metadata, "image/jpeg": strip_jpeg_metadata}
+        if enc.strip_metadata and content_type in strip:
+            strip[content_type](source, target)
         else:
             shutil.copyfile(source, target)
         return content_type
@@ -328,6 +330,30 @@ def strip_webp_metadata(source: Path, target: Path) -> None:
                     _copy_or_skip(src, dst, size, True)
 
 
+JPEG_DROPPED = {0xE1, 0xED, 0xFE}  # APP1 (EXIF, XMP), APP13 (IPTC), COM; ICC (APP2) and Adobe (APP14) stay
+
+
+def strip_jpeg_metadata(source: Path, target: Path) -> None:
+    """Copy a JPEG without its EXIF/XMP/IPTC/comment segments; from the first SOS on, the bytes are copied as is."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        dst.write(src.read(2))  # SOI
+        while True:
+            marker = src.read(2)
+            if len(marker) < 2 or marker[0] != 0xFF or marker[1] in (0xDA, 0xD9):
+                dst.write(marker)
+                break
+            length_bytes = src.read(2)
+            if len(length_bytes) < 2:
+                dst.write(marker + length_bytes)
+                break
+            length = struct.unpack(">H", length_bytes)[0]
+            keep = marker[1] not in JPEG_DROPPED
+            if keep:
+                dst.write(marker + length_bytes)
+            _copy_or_skip(src, dst, length - 2, keep)
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
 def strip_animation(source: Path, target: Path, content_type: str) -> bool:
     """Metadata out of an animated PNG/WebP, frames untouched; False for other types (copied as they are)."""
     if content_type == "image/png":
@@ -379,6 +405,7 @@ class Staged:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     stills: int = 0
     others: int = 0
+    inline_bytes: int = 0
 
     def next_still(self, plan: Plan, ext: str) -> str:
         self.stills += 1
@@ -441,7 +468,8 @@ async def _stage_still(item: OutputItem, raw: Path, found: Probe, folder: Path, 
 def _stage_text(item: OutputItem, folder: Path, plan: Plan, staged: Staged) -> None:
     text = item.text or ""
     data = text.encode("utf-8")
-    if len(data) <= plan.max_text_bytes:
+    if staged.inline_bytes + len(data) <= plan.max_text_bytes:  # a bound for the whole result (Kafka message)
+        staged.inline_bytes += len(data)
         staged.outputs.append(m.output_entry(item.node, item.key, "text", text=text, content_type=TEXT_TYPE,
                                              size=len(data)))
         return

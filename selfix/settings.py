@@ -215,7 +215,7 @@ SPECS: tuple[Spec, ...] = (
       "Largest single output file (video, image, ...); a larger one fails the task with `output_too_large`.",
       group="jobs"),
     S("MAX_TEXT_OUTPUT_BYTES", "max_text_output_bytes", "16384", _non_negative_int,
-      "Text outputs (PreviewAny) up to this size are inlined in the result; larger ones are stored as objects.",
+      "Text outputs (PreviewAny) are inlined in the result up to this many bytes in all; the rest become objects.",
       group="jobs"),
     S("OUTPUT_STRIP_METADATA", "output_strip_metadata", "true", _bool,
       "Drop the prompt/workflow ComfyUI embeds in still images (a task's output.stripMetadata overrides it).",

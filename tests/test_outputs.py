@@ -191,3 +191,26 @@ def test_uploader_puts_every_output_and_results_staged_before_outputs_existed(tm
     assert (store / "outputs" / "new-0.png").read_bytes() == b"video"
     assert (store / "images" / "old-0.png").read_bytes() == b"old"
     assert spool.read_done("new") == new and spool.read_done("old") == old
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_same_format_stills_lose_exif_and_keep_their_bytes_of_pixels(tmp_path: Path, fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x0110] = 'prompt:{"lora_name": "users/u1/models/x.safetensors"}'
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "in", format=fmt, exif=exif.tobytes(), quality=90)
+    content_type = sniff((tmp_path / "in").read_bytes()[:64])
+    assert encode_still(tmp_path / "in", tmp_path / "out", content_type, Encoding()) == content_type
+    data = (tmp_path / "out").read_bytes()
+    assert b"lora_name" in (tmp_path / "in").read_bytes() and b"lora_name" not in data
+    with Image.open(tmp_path / "in") as a, Image.open(tmp_path / "out") as b:
+        assert a.tobytes() == b.tobytes() and not b.getexif()  # same compressed data, so the same pixels
+
+
+def test_inline_text_is_bounded_for_the_whole_result(tmp_path: Path) -> None:
+    async def download(item: dict[str, str], target: Path, max_bytes: int | None) -> int:
+        raise AssertionError("no files here")
+
+    items = [OutputItem(str(i), "text", text="abcd") for i in range(4)]
+    done = asyncio.run(stage_outputs(items, download, tmp_path, Plan("users/u/", "t", Encoding(), 1 << 20, 10)))
+    assert [("text" in o, o.get("objectKey")) for o in done.outputs] == [
+        (True, None), (True, None), (False, "users/u/outputs/t-0.txt"), (False, "users/u/outputs/t-1.txt")]
