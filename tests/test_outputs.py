@@ -214,3 +214,15 @@ def test_inline_text_is_bounded_for_the_whole_result(tmp_path: Path) -> None:
     done = asyncio.run(stage_outputs(items, download, tmp_path, Plan("users/u/", "t", Encoding(), 1 << 20, 10)))
     assert [("text" in o, o.get("objectKey")) for o in done.outputs] == [
         (True, None), (True, None), (False, "users/u/outputs/t-0.txt"), (False, "users/u/outputs/t-1.txt")]
+
+
+def test_submit_wait_names_where_videos_and_other_outputs_are(tmp_path: Path) -> None:
+    from selfix.cli import other_outputs
+    from selfix.settings import load
+
+    result = {"outputs": [{"kind": "image", "objectKey": "users/u/images/t-0.png"},
+                          {"kind": "video", "objectKey": "users/u/outputs/t-0.mp4"}, {"kind": "text", "text": "x"}]}
+    local = load({"STORE_DIR": str(tmp_path)})
+    assert other_outputs(local, result) == [("video", str(tmp_path / "users/u/outputs/t-0.mp4"))]
+    s3 = load({"S3_ENDPOINT": "127.0.0.1:9", "S3_ACCESS_KEY": "a", "S3_SECRET_KEY": "b", "S3_BUCKET": "bk"})
+    assert other_outputs(s3, result) == [("video", "s3://bk/users/u/outputs/t-0.mp4")]
