@@ -358,6 +358,17 @@ def image_locations(settings: Settings, result: dict[str, Any]) -> list[str]:
     return [str(settings.store_dir / key) for key in keys]
 
 
+def other_outputs(settings: Settings, result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(kind, where) of a result's stored outputs that are not still images: videos, animations, audio, ..."""
+    found = []
+    for entry in result.get("outputs") or []:
+        key = entry.get("objectKey") if isinstance(entry, dict) else None
+        if isinstance(key, str) and entry.get("kind") != "image":
+            where = f"s3://{settings.s3_bucket}/{key}" if settings.s3_enabled else str(settings.store_dir / key)
+            found.append((str(entry.get("kind")), where))
+    return found
+
+
 def wait_for_results(settings: Settings, task_ids: list[str], timeout: float, out: TextIO | None = None,
                      poll_s: float = 0.2) -> int:
     """Follow the tasks until their results are published (done/): progress on one line (redrawn on a terminal,
@@ -398,6 +409,8 @@ def _print_result(settings: Settings, result: dict[str, Any], stream: TextIO) ->
     stream.write(json.dumps(result, indent=2) + "\n")
     for where in image_locations(settings, result):
         stream.write(f"image: {where}\n")
+    for kind, where in other_outputs(settings, result):
+        stream.write(f"{kind}: {where}\n")
     if result.get("status") != "completed":
         error = result.get("error") or {}
         stream.write(f"{result.get('taskId')}: failed: {error.get('code')}: {error.get('message', '')}\n")

@@ -31,6 +31,15 @@ class ComfyUnavailable(Exception):
     """ComfyUI did not answer (connection refused, timeout, 5xx): retriable, the job is not at fault."""
 
 
+class OutputTooLarge(Exception):
+    """An output file is larger than MAX_OUTPUT_BYTES: the job's fault, not retriable."""
+
+    def __init__(self, filename: str, limit: int) -> None:
+        super().__init__(f"output {filename!r} is larger than MAX_OUTPUT_BYTES={limit}")
+        self.filename = filename
+        self.limit = limit
+
+
 class ComfyRejected(Exception):
     """ComfyUI refused the prompt at validation (400, or 200 with node_errors): permanent for this workflow."""
 
@@ -58,6 +67,8 @@ class ComfyClient:
         self.client_id = client_id
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
+        # a multi-GB video takes longer than any total deadline; a stalled one is caught by the read timeout
+        self.download_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
 
     async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, bytes]:
         try:
@@ -131,20 +142,29 @@ class ComfyClient:
     async def loras(self) -> list[str]:
         return list(await self._json("GET", "/models/loras"))
 
-    async def download(self, image: dict[str, str], target: Path) -> int:
-        """GET /view of one output image straight into `target`; returns the byte count."""
+    async def download(self, image: dict[str, str], target: Path, max_bytes: int | None = None) -> int:
+        """GET /view of one output file straight into `target` (streamed, 64 KiB at a time); returns the byte
+        count. Over `max_bytes` it stops and raises OutputTooLarge (the partial file is removed)."""
         params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                   "type": image.get("type", "output")}
         try:
-            async with self.session.get(self.base_url + "/view", params=params, timeout=self.timeout) as resp:
+            async with self.session.get(self.base_url + "/view", params=params,
+                                        timeout=self.download_timeout) as resp:
                 if resp.status != 200:
                     raise ComfyUnavailable(f"GET /view {params}: HTTP {resp.status}")
+                if max_bytes is not None and (resp.content_length or 0) > max_bytes:
+                    raise OutputTooLarge(image["filename"], max_bytes)
                 size = 0
                 with open(target, "wb") as fh:
                     async for chunk in resp.content.iter_chunked(1 << 16):
-                        fh.write(chunk)
                         size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise OutputTooLarge(image["filename"], max_bytes)
+                        fh.write(chunk)
                 return size
+        except OutputTooLarge:
+            target.unlink(missing_ok=True)
+            raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ComfyUnavailable(f"GET /view {params}: {type(exc).__name__}: {exc}") from exc
 

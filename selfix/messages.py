@@ -40,6 +40,7 @@ INTERRUPTED = "interrupted"
 COMFYUI_UNAVAILABLE = "comfyui_unavailable"
 STORAGE_UNAVAILABLE = "storage_unavailable"
 NO_OUTPUT = "no_output"
+OUTPUT_TOO_LARGE = "output_too_large"
 RETRIES_EXHAUSTED = "retries_exhausted"
 
 MAX_WORKFLOW_DEPTH = 32  # real graphs nest 3-4 levels; deep nesting only serves to crash recursive code
@@ -98,6 +99,7 @@ class Task:
     priority: int = 0
     images: dict[str, str] = field(default_factory=dict)
     template: str | None = None
+    output: dict[str, Any] | None = None
 
     def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
         """The job file's content: everything the runner needs, with its own bookkeeping fields."""
@@ -105,7 +107,8 @@ class Task:
         return {
             "taskId": self.task_id, "userId": self.user_id, "priority": self.priority,
             "workflow": self.workflow, "loraModels": list(self.lora_models), "images": dict(self.images),
-            "template": self.template, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0, "source": source,
+            "template": self.template, "output": self.output, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0,
+            "source": source,
         }
 
 
@@ -169,11 +172,12 @@ def _build_task(obj: dict[str, Any], task_id: str, user_id: str, limits: Limits,
         raise TaskError(INVALID_MESSAGE, f"priority must be within {PRIORITY_MIN}..{PRIORITY_MAX}")
     loras = parse_lora_models(obj.get("loraModel"), user_id, limits)
     images = parse_images(obj.get("images"), user_id, limits)
+    output = parse_output_spec(obj.get("output"))
     workflow, template = _workflow_of(obj, loras, templates)
     validate_workflow(workflow, limits.max_workflow_nodes)
     check_names(workflow, task_id, user_id, loras, images, limits)
     check_loras_used(workflow, loras)
-    return Task(task_id, user_id, workflow, tuple(loras), priority, images, template)
+    return Task(task_id, user_id, workflow, tuple(loras), priority, images, template, output)
 
 
 def _workflow_of(obj: dict[str, Any], loras: list[str], templates: Any) -> tuple[dict[str, Any], str | None]:
@@ -301,6 +305,41 @@ def check_names(workflow: dict[str, Any], task_id: str, user_id: str, loras: lis
                              skip_inputs=frozenset({"filename_prefix"}))
 
 
+OUTPUT_FORMATS = {"png": "png", "webp": "webp", "jpeg": "jpeg", "jpg": "jpeg"}
+OUTPUT_FIELDS = ("format", "quality", "stripMetadata")
+
+
+def parse_output_spec(value: Any) -> dict[str, Any] | None:
+    """The task's `output` field: how still images are encoded before upload. Normalised (jpg -> jpeg)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TaskError(INVALID_MESSAGE, 'output must be an object like {"format": "webp", "quality": 85, '
+                                         '"stripMetadata": true}')
+    unknown = sorted(set(value) - set(OUTPUT_FIELDS))
+    if unknown:
+        raise TaskError(INVALID_MESSAGE, f"output has unknown field(s) {unknown}; known: {list(OUTPUT_FIELDS)}")
+    spec: dict[str, Any] = {}
+    fmt = value.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, str) or fmt.lower() not in OUTPUT_FORMATS:
+            raise TaskError(INVALID_MESSAGE, f"output.format must be one of png, webp, jpeg; got {str(fmt)[:40]!r}")
+        spec["format"] = OUTPUT_FORMATS[fmt.lower()]
+    quality = value.get("quality")
+    if quality is not None:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise TaskError(INVALID_MESSAGE, f"output.quality must be an integer 1..100, got {str(quality)[:40]!r}")
+        if spec.get("format") not in ("webp", "jpeg"):
+            raise TaskError(INVALID_MESSAGE, 'output.quality needs output.format "webp" or "jpeg" (PNG is lossless)')
+        spec["quality"] = quality
+    strip = value.get("stripMetadata")
+    if strip is not None:
+        if not isinstance(strip, bool):
+            raise TaskError(INVALID_MESSAGE, f"output.stripMetadata must be true or false, got {str(strip)[:40]!r}")
+        spec["stripMetadata"] = strip
+    return spec
+
+
 def lora_inputs(workflow: dict[str, Any]) -> list[tuple[str, str]]:
     """(node id, value) of every literal string input (any name: LoRA Stacker has lora_name_1, lora_name_2, ...)."""
     return [
@@ -352,17 +391,20 @@ def redact_node_errors(node_errors: Any) -> Any:
 
 # --- results -------------------------------------------------------------------------------------------
 
-def completed_result(job: dict[str, Any], image_paths: list[str], metadata: dict[str, Any]) -> dict[str, Any]:
+def completed_result(job: dict[str, Any], image_paths: list[str], metadata: dict[str, Any],
+                     outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """imagePath/imagePaths name the still images (the seed's contract); `outputs` lists every output."""
     return {
         "taskId": job["taskId"], "userId": job.get("userId"), "status": "completed",
-        "imagePath": image_paths[0] if image_paths else None, "imagePaths": image_paths, "metadata": metadata,
+        "imagePath": image_paths[0] if image_paths else None, "imagePaths": image_paths,
+        "outputs": outputs if outputs is not None else [], "metadata": metadata,
     }
 
 
 def failed_result(task_id: str, user_id: str | None, error: TaskError,
                   metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
-        "taskId": task_id, "userId": user_id, "status": "failed", "imagePath": None, "imagePaths": [],
+        "taskId": task_id, "userId": user_id, "status": "failed", "imagePath": None, "imagePaths": [], "outputs": [],
         "metadata": metadata or {}, "error": error.as_error(),
     }
 
@@ -370,3 +412,30 @@ def failed_result(task_id: str, user_id: str | None, error: TaskError,
 def output_key(prefix: str, task_id: str, index: int, ext: str = "png") -> str:
     """Deterministic: a retry overwrites the same keys instead of adding new ones."""
     return f"{prefix}images/{task_id}-{index}.{ext}"
+
+
+def media_key(prefix: str, task_id: str, index: int, ext: str) -> str:
+    """Key of an output that is not a still image (video, animation, audio, mesh, large text, other files)."""
+    return f"{prefix}outputs/{task_id}-{index}.{ext}"
+
+
+def staged_name(key: str) -> str:
+    """File name of an output inside outbox/<taskId>/: the key's last folder and name, so images/t-0.png and
+    outputs/t-0.png do not collide."""
+    folder, name = posixpath.split(key)
+    return f"{posixpath.basename(folder)}.{name}" if folder else name
+
+
+def output_entry(node: str, key: str, kind: str, *, object_key: str | None = None, content_type: str,
+                 size: int, text: str | None = None, facts: dict[str, Any] | None = None,
+                 hints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One element of a result's `outputs`: where it came from, what it is, where it is (or the text itself)."""
+    entry: dict[str, Any] = {"node": node, "key": key, "kind": kind}
+    if object_key is not None:
+        entry["objectKey"] = object_key
+    if text is not None:
+        entry["text"] = text
+    entry.update(contentType=content_type, bytes=size)
+    entry.update(facts or {})
+    entry.update(hints or {})
+    return entry

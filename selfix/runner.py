@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ import aiohttp
 from loguru import logger
 
 from selfix import messages as m
-from selfix import stats
+from selfix import outputs, stats
 from selfix.backoff import compute_backoff
-from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, prompt_id_for
+from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
 from selfix.faults import crashpoint
 from selfix.isolation import Guard
 from selfix.loras import LoraCache, Prefetcher
@@ -31,7 +32,7 @@ from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
 from selfix.storage import ObjectStore, StorageError, open_store
-from selfix.workflow import output_images
+from selfix.workflow import collect_outputs
 
 TICK_S = 0.05  # inbox look-up when idle: one listdir, cheap; it bounds pick-up latency
 HEARTBEAT_S = 1.0
@@ -295,23 +296,31 @@ class Runner:
             self.fail_or_retry(inf, _execution_error(data))
 
     async def complete(self, inf: Inflight, entry: dict[str, Any]) -> None:
-        images = output_images(entry)
-        if not images:
-            self.fail(inf, m.TaskError(m.NO_OUTPUT, "the workflow produced no output image (SaveImage)"))
+        items = collect_outputs(entry)
+        if not items:
+            self.fail(inf, m.TaskError(m.NO_OUTPUT, "the workflow produced no output (no file of type output under "
+                                                    "any key of /history, no text)"))
             return
-        prefix = self.settings.user_prefix_for(inf.job["userId"])
+        settings = self.settings
+        plan = outputs.Plan(settings.user_prefix_for(inf.job["userId"]), inf.task_id,
+                            outputs.Encoding.of(inf.job.get("output"), settings.output_strip_metadata),
+                            settings.max_output_bytes, settings.max_text_output_bytes)
         staged = self.spool.stage_result(inf.task_id)
-        keys = []
-        for index, image in enumerate(images):
-            ext = Path(image["filename"]).suffix.lstrip(".").lower() or "png"
-            key = m.output_key(prefix, inf.task_id, index, ext)
-            await self.client.download(image, staged / Path(key).name)
-            keys.append(key)
-        result = m.completed_result(inf.job, keys, self.metadata(inf, entry))
+        try:
+            done = await outputs.stage_outputs(items, self.client.download, staged, plan)
+        except OutputTooLarge as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            self.fail(inf, m.TaskError(m.OUTPUT_TOO_LARGE, str(exc)))
+            return
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)  # ComfyUnavailable: collected again on the next try
+            raise
+        result = m.completed_result(inf.job, done.image_paths, self.metadata(inf, entry), done.outputs)
         self.spool.publish_result(staged, result)
         crashpoint(self.settings, self.spool, "runner.after_outbox")
         self.spool.drop_processing(inf.task_id)
-        inf.log().info("completed: {} image(s), {:.2f}s generation", len(keys), result["metadata"]["generationTime"])
+        inf.log().info("completed: {} output(s), {} image(s), {:.2f}s generation", len(done.outputs),
+                       len(done.image_paths), result["metadata"]["generationTime"])
 
     def metadata(self, inf: Inflight, entry: dict[str, Any] | None = None) -> dict[str, Any]:
         job, now = inf.job, time.time()

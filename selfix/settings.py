@@ -244,6 +244,15 @@ SPECS: tuple[Spec, ...] = (
       group="jobs"),
     S("MAX_DATA_URL_BYTES", "max_data_url_bytes", "10485760", _positive_int,
       "Largest input image, from a data: URL or from the store.", group="jobs"),
+    S("MAX_OUTPUT_BYTES", "max_output_bytes", "4294967296", _positive_int,
+      "Largest single output file (video, image, ...); a larger one fails the task with `output_too_large`.",
+      group="jobs"),
+    S("MAX_TEXT_OUTPUT_BYTES", "max_text_output_bytes", "16384", _non_negative_int,
+      "Text outputs (PreviewAny) are inlined in the result up to this many bytes in all; the rest become objects.",
+      group="jobs"),
+    S("OUTPUT_STRIP_METADATA", "output_strip_metadata", "true", _bool,
+      "Drop the prompt/workflow ComfyUI embeds in still images (a task's output.stripMetadata overrides it).",
+      group="jobs"),
     S("KAFKA_MAX_INFLIGHT", "kafka_max_inflight", "8", _positive_int,
       "Unfinished tasks a node holds before it pauses its partitions.", group="kafka"),
     S("KAFKA_TOPIC_DLQ", "kafka_topic_dlq", "", _optional_str,
@@ -337,6 +346,9 @@ class Settings:
     node_denylist: frozenset[str]
     node_allowlist: frozenset[str]
     max_data_url_bytes: int
+    max_output_bytes: int
+    max_text_output_bytes: int
+    output_strip_metadata: bool
     kafka_max_inflight: int
     kafka_topic_dlq: str | None
     kafka_ssl_ca_location: str | None

@@ -17,11 +17,12 @@ from loguru import logger
 
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
+from selfix.messages import staged_name
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
-from selfix.storage import ObjectStore, StorageError, open_store
+from selfix.storage import DEFAULT_PART_SIZE, ObjectStore, StorageError, open_store
 
 IDLE_POLL_S = 0.05
 PRUNE_EVERY_S = 600.0
@@ -116,26 +117,40 @@ class Uploader:
         remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
         self.failures.pop(task_id, None)
         self.not_before.pop(task_id, None)
-        log.info("published: {} ({} image(s))", result.get("status"), len(result.get("imagePaths") or []))
+        log.info("published: {} ({} image(s), {} output(s))", result.get("status"), len(result.get("imagePaths") or []),
+                 len(result.get("outputs") or []))
 
     def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
-        """Every image of the result, a few at a time; any failure raises (after the others finished)."""
-        folder = self.spool.outbox_dir(task_id)
-        keys = list(result.get("imagePaths") or [])
+        """Every object of the result (stills, videos, audio, ...), each streamed from its file; any failure raises
+        (after the others finished).
 
-        def put(key: str) -> None:
-            path = folder / Path(key).name
-            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            self.store.put_file(key, path, content_type)
+        Memory stays bounded whatever the outputs' sizes: a single-part PUT holds at most one part size, so small
+        files go UPLOAD_THREADS at a time; a multipart upload holds a few parts itself (the client's own parallel
+        parts), so large files go one at a time, after the small ones.
+        """
+        folder = self.spool.outbox_dir(task_id)
+
+        def path_of(key: str) -> Path:
+            path = folder / staged_name(key)
+            return path if path.exists() else folder / Path(key).name  # a result staged before outputs/ existed
+
+        def put(item: tuple[str, str]) -> None:
+            key, content_type = item
+            self.store.put_file(key, path_of(key), content_type)
             crashpoint(self.settings, self.spool, "uploader.mid_upload")
 
-        if len(keys) <= 1:
-            for key in keys:
-                put(key)
-            return
-        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(keys)), thread_name_prefix="upload") as pool:
-            for future in [pool.submit(put, key) for key in keys]:
-                future.result()
+        objects = upload_list(result)
+        large = [o for o in objects if _size(path_of(o[0])) > DEFAULT_PART_SIZE]
+        small = [o for o in objects if o not in large]
+        if len(small) > 1:
+            with ThreadPoolExecutor(min(UPLOAD_THREADS, len(small)), thread_name_prefix="upload") as pool:
+                for future in [pool.submit(put, item) for item in small]:
+                    future.result()
+        else:
+            for item in small:
+                put(item)
+        for item in large:
+            put(item)
 
     def postpone(self, task_id: str, exc: Exception) -> None:
         count = self.failures.get(task_id, 0) + 1
@@ -153,6 +168,25 @@ class Uploader:
         removed = self.spool.prune_done(self.settings.done_retention_h * 3600)
         if removed:
             logger.info("pruned {} done/ entries older than {:g}h", removed, self.settings.done_retention_h)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # missing: put_file raises the specific error
+
+
+def upload_list(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(object key, content type) of every file a result names: its `outputs` entries with an objectKey, and
+    for results written before `outputs` existed, its imagePaths (type from the name; they were PNGs)."""
+    found: dict[str, str] = {}
+    for entry in result.get("outputs") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("objectKey"), str):
+            found[entry["objectKey"]] = str(entry.get("contentType") or "application/octet-stream")
+    for key in result.get("imagePaths") or []:
+        found.setdefault(key, mimetypes.guess_type(key)[0] or "application/octet-stream")
+    return list(found.items())
 
 
 def make_publisher(settings: Settings, spool: Spool | None = None) -> Publisher:

@@ -1076,3 +1076,90 @@ def test_extra_model_paths_and_startup_delay(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0
     assert "Adding extra search path loras" in d.log() and "To see the GUI go to" in d.log()
+
+
+# ------------------------------------------------------------------------------------------------
+# media_outputs: animations, video, latents, text (outputs other than still PNGs)
+# ------------------------------------------------------------------------------------------------
+
+
+def media_frames(raw: list[dict[str, Any]]) -> list[Frame]:
+    """This capture keeps binary frames as length + head only: bin<event> with the head as `image`."""
+    frames = []
+    for f in raw:
+        if f["kind"] == "text":
+            frames.append(Frame(f["json"]["type"], f["json"]["data"]))
+        else:
+            head = bytes.fromhex(f["head_hex"])
+            frames.append(Frame(f"bin{struct.unpack('>I', head[:4])[0]}", meta=f["len"], image=head))
+    return frames
+
+
+def test_media_outputs_in_recorded_order(double: Double) -> None:
+    """The cases were recorded one after another on one server, so identical upstream nodes (the EmptyImage of
+    save_animated_png and save_webm) come from the cache there: they are replayed the same way here."""
+    media = load("media_outputs")
+
+    async def scenario() -> None:
+        async with api_for(double) as api:
+            for case, captured in media.items():
+                await check_media_case(api, case, captured)
+
+    asyncio.run(scenario())
+
+
+async def check_media_case(api: Api, case: str, captured: dict[str, Any]) -> None:
+    theirs = first_entry(captured["history"]["json"])
+    client = theirs["prompt"][3]["client_id"]
+    main = await api.socket(client)
+    resp, mine = await api.run(main, {"prompt": captured["prompt"], "client_id": client})
+    assert_shape(resp.json, json.loads(captured["post"]["body_text"]))
+    expected = media_frames(captured["ws"])[1:]  # the capture starts with the status sent on connect
+    assert types(mine) == types(expected), case
+    for a, e in zip(mine, expected, strict=True):
+        if a.type.startswith("bin"):
+            # real: send_progress_text: 4-byte event, 4-byte node id length, node id, UTF-8 text
+            assert struct.pack(">I", a.meta) == e.image[4:8] and len(a.image) + 8 == e.meta, (case, a, e)
+        else:
+            assert_shape(a.data, e.data, f"{case}:{a.type}")
+            if a.type == "execution_cached":
+                assert a.data["nodes"] == e.data["nodes"], case
+    progress_states_like(mine, expected)
+    ours = first_entry((await api.get(f"/history/{resp.json['prompt_id']}")).json)
+    assert_shape(ours, theirs)
+    assert ours["outputs"] == theirs["outputs"], case  # keys, file names, subfolders, animated flags
+    for view in captured["views"]:
+        item = view["item"]
+        got = await api.get(f"/view?filename={item['filename']}&subfolder={item['subfolder']}&type=output")
+        assert (got.status, got.content_type) == (view["status"], view["content_type"]), view
+        magic = bytes.fromhex(view["magic_hex"])
+        if view["key"] == "latents":  # safetensors: an 8-byte little-endian header length, then JSON
+            assert got.body[8:10] == magic[8:10] == b'{"'
+        else:
+            assert got.body[: len(magic)] == magic, (case, got.body[:16].hex(), view["magic_hex"])
+    await main.close()
+    api.sockets.remove(main)
+
+
+def test_vhs_video_combine_reports_gifs(double: Double) -> None:
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 4, "color": 255}},
+        "2": {"class_type": "VHS_VideoCombine", "inputs": {
+            "images": ["1", 0], "frame_rate": 8.0, "loop_count": 0, "filename_prefix": "vhs/clip",
+            "format": "video/h264-mp4", "pingpong": False, "save_output": True}},
+    }
+
+    async def scenario() -> None:
+        async with api_for(double) as api:
+            main = await api.socket("vhs")
+            resp, _ = await api.run(main, {"prompt": prompt, "client_id": "vhs"})
+            out = first_entry((await api.get(f"/history/{resp.json['prompt_id']}")).json)["outputs"]["2"]
+            (item,) = out["gifs"]
+            assert {k: item[k] for k in ("filename", "subfolder", "type", "format", "frame_rate", "workflow")} == {
+                "filename": "clip_00001.mp4", "subfolder": "vhs", "type": "output", "format": "video/h264-mp4",
+                "frame_rate": 8.0, "workflow": "clip_00001.png"}
+            assert item["fullpath"] == str(double.path("output") / "vhs" / "clip_00001.mp4")
+            view = await api.get("/view?filename=clip_00001.mp4&subfolder=vhs&type=output")
+            assert view.content_type == "video/mp4" and view.body[4:8] == b"ftyp"
+
+    asyncio.run(scenario())

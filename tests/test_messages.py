@@ -364,7 +364,7 @@ def test_templates_dir_overrides_builtin_by_name(tmp_path: Path) -> None:
 
 # --- results --------------------------------------------------------------------------------------------
 
-RESULT_KEYS = {"taskId", "userId", "status", "imagePath", "imagePaths", "metadata"}
+RESULT_KEYS = {"taskId", "userId", "status", "imagePath", "imagePaths", "outputs", "metadata"}
 
 
 def _camel(keys: Any) -> bool:
@@ -409,3 +409,51 @@ def test_completed_result_shape() -> None:
 def test_output_keys_are_deterministic() -> None:
     assert m.output_key("users/a/", "t", 3) == m.output_key("users/a/", "t", 3) == "users/a/images/t-3.png"
     assert m.output_key("users/a/", "t", 0, "webp") == "users/a/images/t-0.webp"
+
+
+# --- output encodings and output keys ------------------------------------------------------------------
+
+
+def test_output_field_is_normalised_and_reaches_the_job(catalog: Catalog) -> None:
+    spec = {"format": "JPG", "quality": 85, "stripMetadata": False}
+    task = parse_task(enc(message(output=spec)), Limits(), catalog)
+    assert task.output == {"format": "jpeg", "quality": 85, "stripMetadata": False}
+    assert task.to_job()["output"] == task.output
+    assert parse_task(enc(message()), Limits(), catalog).to_job()["output"] is None
+    assert parse_task(enc(message(output={})), Limits(), catalog).output == {}
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("webp", "must be an object"),
+    ({"format": "gif"}, "png, webp, jpeg"),
+    ({"format": 3}, "png, webp, jpeg"),
+    ({"format": "webp", "quality": 0}, "1..100"),
+    ({"format": "webp", "quality": 101}, "1..100"),
+    ({"format": "jpeg", "quality": True}, "1..100"),
+    ({"format": "webp", "quality": 80.5}, "1..100"),
+    ({"quality": 80}, "needs output.format"),
+    ({"format": "png", "quality": 80}, "needs output.format"),
+    ({"stripMetadata": "yes"}, "true or false"),
+    ({"format": "webp", "lossy": True}, "unknown field(s) ['lossy']"),
+])
+def test_a_bad_output_field_is_invalid_message(catalog: Catalog, spec: Any, words: str) -> None:
+    with pytest.raises(InvalidTask) as info:
+        parse_task(enc(message(output=spec)), Limits(), catalog)
+    assert info.value.code == m.INVALID_MESSAGE and words in info.value.message
+    assert info.value.task_id == TASK  # addressable: the client gets the failed result
+
+
+def test_media_keys_and_staged_names_do_not_collide() -> None:
+    still, clip = m.output_key("users/a/", "t", 0, "png"), m.media_key("users/a/", "t", 0, "png")
+    assert (still, clip) == ("users/a/images/t-0.png", "users/a/outputs/t-0.png")
+    assert m.staged_name(still) == "images.t-0.png" and m.staged_name(clip) == "outputs.t-0.png"
+    assert m.staged_name("plain.png") == "plain.png"
+
+
+def test_output_entry_shape() -> None:
+    entry = m.output_entry("3", "images", "video", object_key="users/a/outputs/t-0.mp4", content_type="video/mp4",
+                           size=2148, facts={"width": 64, "height": 64, "duration": 1.0}, hints={"frameRate": 8.0})
+    assert entry == {"node": "3", "key": "images", "kind": "video", "objectKey": "users/a/outputs/t-0.mp4",
+                     "contentType": "video/mp4", "bytes": 2148, "width": 64, "height": 64, "duration": 1.0,
+                     "frameRate": 8.0}
+    assert _camel(entry)

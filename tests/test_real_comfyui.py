@@ -181,3 +181,51 @@ def test_cross_tenant_attempts_never_reach_the_real_comfyui(make_node: Any) -> N
         url = f"http://127.0.0.1:{node.env['COMFY_PORT']}/history/{prompt_id_for(task_id, 1)}"
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert json.loads(resp.read()) == {}, f"{task_id} reached the real ComfyUI"
+
+
+MEDIA_JOBS: dict[str, dict[str, Any]] = {
+    "real-video": {"taskId": "real-video", "userId": "u1", "workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 8, "color": 3368703}},
+        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8.0}},
+        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "video/clip",
+                                                    "format": "mp4", "codec": "h264"}}}},
+    "real-webp": {"taskId": "real-webp", "userId": "u1", "workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 3, "color": 3368703}},
+        "2": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6.0,
+                                                           "lossless": False, "quality": 80, "method": "default"}}}},
+    "real-text": {"taskId": "real-text", "userId": "u1", "workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 3368703}},
+        "2": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}},
+}
+
+
+def test_media_outputs_from_the_real_comfyui(make_node: Any) -> None:
+    """CreateVideo + SaveVideo, SaveAnimatedWEBP and GetImageSize -> PreviewAny, as the double reproduces them."""
+    node: Node = make_node("real-media", env={
+        "COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+        "COMFY_ARGS": os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu") + " --database-url sqlite:///:memory:"})
+    node.start()
+    for task_id, job in MEDIA_JOBS.items():
+        node.drop(f"{task_id}.json", job)
+    results = node.wait_results(set(MEDIA_JOBS), timeout=180)
+    print(json.dumps(results, indent=1)[:4000])
+
+    video = results["real-video"]
+    assert video["status"] == "completed" and video["imagePaths"] == [], video
+    (entry,) = video["outputs"]
+    assert (entry["node"], entry["key"], entry["kind"], entry["objectKey"], entry["contentType"]) == (
+        "3", "images", "video", "users/u1/outputs/real-video-0.mp4", "video/mp4")
+    assert (entry["width"], entry["height"]) == (64, 64) and entry["duration"] == pytest.approx(1.0, abs=0.2)
+    data = (node.store / entry["objectKey"]).read_bytes()
+    assert data[4:8] == b"ftyp" and len(data) == entry["bytes"]
+
+    (anim,) = results["real-webp"]["outputs"]
+    assert (anim["kind"], anim["objectKey"], anim["contentType"]) == (
+        "animation", "users/u1/outputs/real-webp-0.webp", "image/webp")
+    with Image.open(node.store / anim["objectKey"]) as img:
+        assert img.format == "WEBP" and img.size == (64, 48)
+
+    assert results["real-text"]["outputs"] == [{"node": "3", "key": "text", "kind": "text", "text": "64",
+                                                "contentType": "text/plain; charset=utf-8", "bytes": 2}]
+    assert_clean_spool(node)

@@ -79,7 +79,8 @@ def test_lora_from_s3_is_bound_and_images_land_in_the_bucket(make_node: Any, s3_
     data_url = "data:image/png;base64," + base64.b64encode(hand).decode()
 
     node: Node = make_node(env=node_env(s3_bucket)).start()
-    node.drop("lora-1.json", task("lora-1", lora=lora_key, batch=3))
+    # stripMetadata false: keep the prompt ComfyUI embeds (stripped by default), it shows the binding
+    node.drop("lora-1.json", task("lora-1", lora=lora_key, batch=3, output={"stripMetadata": False}))
     node.drop("img-1.json", load_image_task("img-1", {"pose.png": "users/u1/inputs/pose.png", "hand.png": data_url}))
     results = node.wait_results({"lora-1", "img-1"}, timeout=60)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from selfix.messages import InvalidTask, Limits, parse_task
 from selfix.templates import Catalog
-from selfix.workflow import output_images, patch, task_subfolder
+from selfix.workflow import OutputItem, collect_outputs, output_images, patch, task_subfolder
 
 KEY = "users/alice/models/style.safetensors"
 CACHED = "selfix-cache/ab12cd-style.safetensors"
@@ -149,3 +150,56 @@ def test_output_images_non_numeric_node_ids_come_after_numeric_ones() -> None:
 def test_output_images_of_an_entry_without_outputs() -> None:
     assert output_images({}) == []
     assert output_images({"outputs": {"1": {"images": [img("p.png", "temp")]}}}) == []
+
+
+# --- collect_outputs ----------------------------------------------------------------------------------
+
+MEDIA = json.loads((Path(__file__).parent / "data" / "comfyui-captures" / "media_outputs.json").read_text())
+
+
+def media_entry(case: str) -> dict[str, Any]:
+    entry: dict[str, Any] = next(iter(MEDIA[case]["history"]["json"].values()))
+    return entry
+
+
+def test_collect_outputs_of_every_recorded_media_case() -> None:
+    def summary(case: str) -> list[tuple[str, str, str | None, str | None, bool]]:
+        return [(o.node, o.key, o.file["filename"] if o.file else None, o.text, o.animated)
+                for o in collect_outputs(media_entry(case))]
+
+    assert summary("save_animated_webp") == [("2", "images", "anim_00001_.webp", None, True)]
+    assert summary("save_animated_png") == [("2", "images", "apng_00001_.png", None, True)]
+    assert summary("save_video_mp4") == [("3", "images", "video_00001_.mp4", None, True)]
+    assert summary("save_webm") == [("2", "images", "webm_00001_.webm", None, True)]
+    assert summary("save_latent") == [("2", "latents", "latent_00001_.latent", None, False)]
+    assert summary("preview_any_text") == [("3", "text", None, "64", False)]
+    # /history lists node 4 (the video) before node 2 (the stills): the order is by node id, not by history
+    mixed = summary("mixed_image_and_video")
+    assert [m[2] for m in mixed] == [f"still_0000{i}_.png" for i in range(1, 5)] + ["mixvid_00001_.mp4"]
+    assert [m[4] for m in mixed] == [False] * 4 + [True]
+
+
+def test_collect_outputs_of_custom_node_shapes() -> None:
+    def item(name: str, kind: str = "output", **extra: Any) -> dict[str, Any]:
+        return {"filename": name, "subfolder": "selfix/t", "type": kind, **extra}
+
+    entry = {"outputs": {
+        # VideoHelperSuite VHS_VideoCombine: `gifs`, with format/frame_rate/workflow/fullpath
+        "12": {"gifs": [item("vhs_00001.mp4", format="video/h264-mp4", frame_rate=8.0,
+                             workflow="vhs_00001.png", fullpath="/srv/comfy/output/selfix/t/vhs_00001.mp4")]},
+        "3": {"audio": [item("audio_00001_.flac")]},                 # core SaveAudio
+        "4": {"audio": [item("prev.flac", "temp")]},                 # PreviewAudio: a preview, skipped
+        "5": {"3d": [item("mesh_00001_.glb")]},                      # core SaveGLB
+        "6": {"text": ["hello", 7, None]},                           # PreviewAny: strings only
+        "7": {"images": [item("a.png"), {"filename": "../x.png", "subfolder": "", "type": "output"}]},
+        "8": {"result": ["mesh.glb", None]},                         # Preview3D: bare strings, not files
+        "9": "garbage",
+    }}
+    got = collect_outputs(entry)
+    assert [(o.node, o.key) for o in got] == [("3", "audio"), ("5", "3d"), ("6", "text"), ("7", "images"),
+                                              ("12", "gifs")]
+    vhs = got[-1]
+    assert vhs.file == {"filename": "vhs_00001.mp4", "subfolder": "selfix/t", "type": "output"}
+    assert vhs.hints == {"format": "video/h264-mp4", "frameRate": 8.0}  # fullpath never reaches a client
+    assert got[2] == OutputItem("6", "text", text="hello")
+    assert collect_outputs({"outputs": []}) == [] and collect_outputs({"outputs": {"1": None}}) == []
