@@ -266,8 +266,9 @@ SPECS: tuple[Spec, ...] = (
       group="watchdog"),
     S("FREE_EVERY_MIN", "free_every_min", "0", _non_negative_float, "Periodic /free every M minutes (0 = off).",
       group="watchdog"),
-    S("COMFY_UNRESPONSIVE_S", "comfy_unresponsive_s", "60", _positive_float,
-      "ComfyUI not answering this long is restarted.", group="watchdog"),
+    S("COMFY_UNRESPONSIVE_S", "comfy_unresponsive_s", "15", _positive_float,
+      "ComfyUI not answering /system_stats this long (3 s probes) is killed (SIGKILL to its process group) and "
+      "started again.", group="watchdog"),
     S("COMFY_RSS_LIMIT_GB", "comfy_rss_limit_gb", "0", _non_negative_float,
       "Restart ComfyUI when its RSS exceeds this (0 = off).", group="watchdog"),
     S("HEARTBEAT_STALE_S", "heartbeat_stale_s", "60", _positive_float,
