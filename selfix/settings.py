@@ -252,6 +252,9 @@ SPECS: tuple[Spec, ...] = (
       group="kafka"),
     S("KAFKA_STATUS_EVENTS", "kafka_status_events", "false", _bool,
       "Also publish accepted/started/progress events on the output topic.", group="kafka"),
+    S("KAFKA_DRAIN_S", "kafka_drain_s", "90", _non_negative_float,
+      "On SIGTERM the consumer stays in the group this long at most, until the tasks already started are published "
+      "(so its last commit covers them); keep it below the consumer's stopwaitsecs.", group="kafka"),
     S("KAFKA_SESSION_TIMEOUT_MS", "kafka_session_timeout_ms", "30000", _positive_int,
       "Consumer group session timeout: a node silent this long loses its partitions to the fleet.", group="kafka"),
     S("METRICS_PORT", "metrics_port", "9400", _port, "Watchdog HTTP port: /metrics, /healthz, /readyz.",
@@ -342,6 +345,7 @@ class Settings:
     kafka_topic_dlq: str | None
     kafka_ssl_ca_location: str | None
     kafka_status_events: bool
+    kafka_drain_s: float
     kafka_session_timeout_ms: int
     metrics_port: int
     metrics_host: str
