@@ -6,6 +6,7 @@ watchdog and runner settings: the watchdog kills it, supervisord starts it again
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,3 +117,57 @@ def test_sigstop_of_comfyui_mid_job_is_killed_at_once_and_every_task_completes(t
           f"-> all 3 results {figures.all_results_s:.1f}s; ComfyUI restarts {figures.restarts}")
     # COMFY_UNRESPONSIVE_S (15) + one watchdog tick with its probe (5 + 3) + restart, reconnect, retry, job (2 s)
     assert figures.next_result_s < 45, figures
+
+
+async def test_unresponsive_restart_is_one_sigkill_of_the_process_group(tmp_path: Path) -> None:
+    """What the watchdog does for `unresponsive`: SIGKILL to the group (a stopped leader and its child both die),
+    no stopProcess (its SIGTERM would wait out stopwaitsecs), and the restart stays pending until a new pid."""
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    from selfix import policies as pol
+    from selfix import watchdog
+    from selfix.comfy import ComfyClient
+    from selfix.settings import load
+    from selfix.spool import Spool
+
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                               "time.sleep(60)"], start_new_session=True)
+    wait_until(lambda: _children(leader.pid), 10, "the child process")
+    [child] = _children(leader.pid)
+    os.kill(leader.pid, signal.SIGSTOP)
+    settings = load({"SPOOL_DIR": str(tmp_path / "spool"), "LORA_CACHE_DIR": str(tmp_path / "loras")})
+    calls: list[tuple[str, str]] = []
+
+    class Supervisor:  # records what the watchdog asks of supervisord; it must ask nothing here
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args: calls.append((name, *args))
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            wd = watchdog.Watchdog(settings, Spool(settings.spool_dir).ensure(),
+                                   ComfyClient(settings.comfy_url, "t", session), Supervisor(),  # type: ignore[arg-type]
+                                   None)
+            r = pol.Readings(now=time.time(), comfy_up=False,
+                             programs={pol.COMFYUI: pol.Program("RUNNING", leader.pid, time.time() - 100)})
+            await wd.restart_comfy(r, pol.Action("restart", pol.COMFYUI, "unresponsive", "test"))
+        assert leader.wait(5) == -signal.SIGKILL
+        wait_until(lambda: not _alive(child), 5, "the child killed with its group")
+        assert calls == [], calls
+        assert wd.restart_pending is not None and wd.restart_pending["reason"] == "unresponsive"
+    finally:
+        for pid in (leader.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        leader.wait(5)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
