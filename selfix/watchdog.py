@@ -351,7 +351,11 @@ class Watchdog:
         if comfy is None or comfy.pid <= 0:
             return False
         try:
-            os.killpg(comfy.pid, signal.SIGKILL)  # supervisord makes each program the leader of its own group
+            group = os.getpgid(comfy.pid)
+            if group == comfy.pid and group != os.getpgrp():
+                os.killpg(group, signal.SIGKILL)  # supervisord makes each program the leader of its own group
+            else:
+                os.kill(comfy.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # gone already: supervisord restarts it anyway
         except OSError as exc:
