@@ -20,6 +20,12 @@ from loguru import logger
 from selfix.backoff import compute_backoff
 
 PROMPT_NAMESPACE = uuid.UUID("5e1f1c5a-7d0e-4c2b-9a56-0f3e2b7c9d11")
+# A healthy ComfyUI answers its control routes in milliseconds, also mid-job (its HTTP server has its own thread).
+# Short limits keep one hung call (a stopped or wedged ComfyUI) from holding up the runner's loop.
+CONTROL_TIMEOUT_S = 5.0  # /queue, /history, /interrupt, /free, /system_stats, /models
+PROMPT_TIMEOUT_S = 15.0  # POST /prompt validates the whole workflow before it answers
+TRANSFER_STALL_S = 10.0  # GET /view: no byte for this long ends the download (its total size is unbounded)
+WS_HEARTBEAT_S = 10.0  # ping period; a socket whose pong does not come within half of it is closed (stopped peer)
 
 
 def prompt_id_for(task_id: str, attempt: int) -> str:
@@ -43,10 +49,12 @@ class OutputTooLarge(Exception):
 class ComfyRejected(Exception):
     """ComfyUI refused the prompt at validation (400, or 200 with node_errors): permanent for this workflow."""
 
-    def __init__(self, message: str, error: dict[str, Any], node_errors: dict[str, Any]) -> None:
+    def __init__(self, message: str, error: dict[str, Any], node_errors: dict[str, Any],
+                 queued: bool = False) -> None:
         super().__init__(message)
         self.error = error
         self.node_errors = node_errors
+        self.queued = queued  # a 200: ComfyUI queued the outputs that did validate and will run them
 
 
 @dataclass(frozen=True)
@@ -62,17 +70,20 @@ class ComfyClient:
     """One instance per process; `client_id` names this process's WebSocket so events reach it after a restart."""
 
     def __init__(self, base_url: str, client_id: str, session: aiohttp.ClientSession,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = CONTROL_TIMEOUT_S, prompt_timeout_s: float = PROMPT_TIMEOUT_S) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self.session = session
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
-        # a multi-GB video takes longer than any total deadline; a stalled one is caught by the read timeout
-        self.download_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
+        connect = min(timeout_s, 5.0)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect)
+        self.prompt_timeout = aiohttp.ClientTimeout(total=prompt_timeout_s, connect=connect)
+        self.transfer_timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=TRANSFER_STALL_S)
 
-    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, bytes]:
+    async def _request(self, method: str, path: str, timeout: aiohttp.ClientTimeout | None = None,
+                       **kw: Any) -> tuple[int, bytes]:
         try:
-            async with self.session.request(method, self.base_url + path, timeout=self.timeout, **kw) as resp:
+            async with self.session.request(method, self.base_url + path, timeout=timeout or self.timeout,
+                                            **kw) as resp:
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ComfyUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
@@ -100,7 +111,7 @@ class ComfyClient:
                            extra_data: dict[str, Any] | None = None) -> dict[str, Any]:
         body = {"prompt": workflow, "client_id": self.client_id, "prompt_id": prompt_id,
                 "extra_data": extra_data or {}}
-        status, raw = await self._request("POST", "/prompt", json=body)
+        status, raw = await self._request("POST", "/prompt", timeout=self.prompt_timeout, json=body)
         try:
             reply = json.loads(raw)
         except ValueError:
@@ -112,8 +123,9 @@ class ComfyClient:
         if status != 200:
             raise ComfyUnavailable(f"POST /prompt: unexpected HTTP {status}")
         if reply.get("node_errors"):
-            # 200 with node_errors = ComfyUI dropped the outputs that failed; a task needs all of them.
-            raise ComfyRejected(_rejection_message({}, reply["node_errors"]), {}, reply["node_errors"])
+            # 200 with node_errors: ComfyUI dropped the outputs that failed but queued (and will run) the others.
+            # A task needs all of them, so the caller must fail it and remove this prompt again.
+            raise ComfyRejected(_rejection_message({}, reply["node_errors"]), {}, reply["node_errors"], queued=True)
         return dict(reply)
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -149,7 +161,7 @@ class ComfyClient:
                   "type": image.get("type", "output")}
         try:
             async with self.session.get(self.base_url + "/view", params=params,
-                                        timeout=self.download_timeout) as resp:
+                                        timeout=self.transfer_timeout) as resp:
                 if resp.status != 200:
                     raise ComfyUnavailable(f"GET /view {params}: HTTP {resp.status}")
                 if max_bytes is not None and (resp.content_length or 0) > max_bytes:
@@ -212,7 +224,7 @@ class EventStream:
         url = f"{self.client.base_url}/ws?clientId={self.client.client_id}"
         while True:
             try:
-                async with self.client.session.ws_connect(url, heartbeat=20.0, max_msg_size=0) as ws:
+                async with self.client.session.ws_connect(url, heartbeat=WS_HEARTBEAT_S, max_msg_size=0) as ws:
                     failures = 0
                     self.connected.set()
                     logger.debug("websocket connected")

@@ -15,7 +15,9 @@ validated and renamed to the canonical, ordered name the runner reads. With Kafk
   the inbox order runs higher priority first.
 - On revocation: commit what is safe, then withdraw the revoked partitions' jobs that have not started (their
   `source` names topic/partition/offset), so the new owner runs them instead of both nodes.
-- On SIGTERM: stop taking, commit, leave the group (close), which revokes and withdraws as above.
+- On SIGTERM (supervisord stops the consumer first): stop taking, withdraw the not-started jobs as above, then stay
+  in the group, committing, until every task that has started is published (at most KAFKA_DRAIN_S), so the final
+  commit covers every result this node publishes; then leave the group (close).
 - Credentials or TLS refused: one log line naming the setting, exit EXIT_UNAVAILABLE (69), never a silent loop.
 """
 
@@ -369,16 +371,22 @@ class KafkaIntake:
     def release(self, revoked: set[k.TP], why: str) -> None:
         if not revoked:
             return
+        withdrawn = self.withdraw(revoked, why)
+        for tp in revoked:
+            self.forget(tp)
+        logger.info("{} {}; {} not-started job(s) withdrawn", why, _show_parts(revoked), withdrawn)
+
+    def withdraw(self, parts: set[k.TP], why: str) -> int:
+        """Remove the not-started jobs of `parts` from inbox/: their offsets stay uncommitted, so the group
+        delivers them again (to this node's successor or to another one)."""
         withdrawn = 0
         for entry in self.spool.inbox_entries():
             raw = self.spool.read_inbox(entry)
             source = _source_of(raw)
-            if source and (source.get("topic"), source.get("partition")) in revoked and self.spool.withdraw(entry):
+            if source and (source.get("topic"), source.get("partition")) in parts and self.spool.withdraw(entry):
                 withdrawn += 1
-                logger.bind(task_id=entry.task_id).info("withdrawn from inbox/: partition {}", why)
-        for tp in revoked:
-            self.forget(tp)
-        logger.info("{} {}; {} not-started job(s) withdrawn", why, _show_parts(revoked), withdrawn)
+                logger.bind(task_id=entry.task_id).info("withdrawn from inbox/: {}", why)
+        return withdrawn
 
     def forget(self, tp: k.TP) -> None:
         self.tracker.forget(tp)
@@ -386,6 +394,34 @@ class KafkaIntake:
         self.missing = {key for key in self.missing if key[0] != tp}
         for key in [key for key in self.dlq if key[0] == tp]:
             del self.dlq[key]
+
+    # --- draining ----------------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """SIGTERM: give back what has not started, then stay in the group while the runner finishes and the
+        uploader publishes what has, committing as results land. A second SIGTERM or KAFKA_DRAIN_S ends it."""
+        assigned = {(p.topic, p.partition) for p in self.consumer.assignment()}
+        withdrawn = self.withdraw(assigned, "draining")
+        started = self.started()
+        logger.info("draining: {} not-started job(s) withdrawn, waiting up to {:g}s for {} started task(s)",
+                    withdrawn, self.settings.kafka_drain_s, started)
+        deadline = time.monotonic() + self.settings.kafka_drain_s
+        while started and time.monotonic() < deadline and not self.flags.abort.is_set() and self.fatal is None:
+            self.spool.beat("consumer")
+            msg = self.consumer.poll(TICK_S)  # paused: only callbacks (rebalance, commits, errors)
+            self.drain_errors()
+            if msg is not None:
+                self.handle(msg)  # fetched before the pause: tracked like any other, it runs
+            self.settle()
+            if time.monotonic() - self.last_commit >= COMMIT_EVERY_S:
+                self.commit(asynchronous=True)
+            started = self.started()
+        if started:
+            logger.warning("drain ended with {} started task(s) unpublished; they are delivered again", started)
+
+    def started(self) -> int:
+        """Waited-for tasks that are still on this node (inbox/ after a retry, processing/, outbox/)."""
+        return sum(1 for offsets in self.waiting.values() for task_id in offsets.values()
+                   if self.spool.state_of(task_id) not in (None, "done"))
 
     # --- errors and shutdown ---------------------------------------------------------------------------
     def on_error(self, err: KafkaError) -> None:
@@ -423,12 +459,15 @@ class KafkaIntake:
         return EXIT_ERROR
 
     def shutdown(self) -> None:
-        """Stop taking, commit what is safe, send what the DLQ still owes, leave the group (revokes, withdraws)."""
+        """Stop taking, wait for the started tasks, commit what is safe, send what the DLQ still owes, leave the
+        group (revokes, withdraws)."""
         if self.fatal is None:
             try:
                 self.consumer.pause(self.consumer.assignment())
             except Exception as exc:  # noqa: BLE001 - best effort: close() stops fetching anyway
                 logger.debug("pause at shutdown: {}", exc)
+            if self.flags.stopping.is_set() and not self.flags.abort.is_set():
+                self.drain()
             if self.sender is not None and self.dlq:
                 self.sender.close(5.0)
                 self.retry_dlq()

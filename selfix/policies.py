@@ -7,7 +7,9 @@ the actions and reports each outcome back through `after_free` / `after_restart`
 ComfyUI
 - unresponsive: supervisord says RUNNING but /system_stats has not answered for COMFY_UNRESPONSIVE_S (counted from
   the later of the first failed probe and the process's start; COMFY_STARTUP_GRACE_S more for a process that has
-  not answered once yet, as ComfyUI loads its custom nodes before it listens) -> restart now.
+  not answered once yet, as ComfyUI loads its custom nodes before it listens) -> restart now; the watchdog carries
+  this one out as a SIGKILL of ComfyUI's process group (a hung ComfyUI cannot drain, and a stopped one ignores
+  SIGTERM), after which supervisord's autorestart starts it again.
 - GPU memory >= GPU_HARD_MARK, or ComfyUI's RSS >= COMFY_RSS_LIMIT_GB -> a restart becomes due. It happens as soon
   as the prompts that were running when it became due have left ComfyUI (between jobs: a prompt that started
   after that point has barely begun), or after RESTART_GRACE_S at the latest; restarting mid-job is the hand-back:
@@ -50,7 +52,7 @@ class Limits:
     hard_mark: float = 0.97
     free_every_jobs: int = 0
     free_every_s: float = 0.0
-    unresponsive_s: float = 60.0
+    unresponsive_s: float = 15.0
     rss_limit_bytes: int = 0
     heartbeat_stale_s: float = 60.0
     restart_min_interval_s: float = 120.0

@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,23 @@ from loguru import logger
 from selfix import messages as m
 from selfix import outputs, stats
 from selfix.backoff import compute_backoff
+from selfix.clock import Clock, SystemClock
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
 from selfix.faults import crashpoint
 from selfix.isolation import Guard
 from selfix.loras import LoraCache, Prefetcher
-from selfix.prepare import prepare
+from selfix.outcomes import (
+    INTERRUPT_GRACE_S,
+    Slot,
+    after_failure,
+    cancel_step,
+    deadline_step,
+    error_from,
+    hand_back,
+    judge,
+    on_lost,
+)
+from selfix.prepare import prepare, remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
@@ -36,9 +49,10 @@ from selfix.workflow import collect_outputs
 
 TICK_S = 0.05  # inbox look-up when idle: one listdir, cheap; it bounds pick-up latency
 HEARTBEAT_S = 1.0
+DEADLINE_TICK_S = 0.25  # the deadline task's period: a deadline fires at most this late, whatever ComfyUI does
 PREFETCH_POKE_S = 1.0
 PROGRESS_WRITE_S = 1.0
-INTERRUPT_GRACE_S = 30.0
+CANCEL_POLL_S = 0.2  # how often a prompt being removed (200 with node_errors) is looked at in /queue
 
 
 @dataclass
@@ -52,6 +66,9 @@ class Inflight:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     history: dict[str, Any] | None = None
     timed_out_at: float | None = None
+    gave_up: bool = False  # past the deadline and its grace: failed without waiting for ComfyUI any longer
+    rejection: m.TaskError | None = None  # ComfyUI queued it in part: remove it, then fail with this error
+    cancel_at: float = 0.0
     progress_written: float = 0.0
 
     @property
@@ -64,10 +81,11 @@ class Inflight:
 
 class Runner:
     def __init__(self, settings: Settings, spool: Spool, store: ObjectStore, client: ComfyClient,
-                 flags: StopFlags) -> None:
+                 flags: StopFlags, clock: Clock | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.store = store
+        self.clock: Clock = clock or SystemClock()
         self.loras = LoraCache.from_settings(settings, store, spool)  # never evicts what processing/ names
         self.guard = Guard.from_settings(settings)  # which file names a workflow may give ComfyUI
         self.prefetcher = Prefetcher(self.loras, spool)  # next inbox jobs' LoRAs, in its own thread
@@ -79,13 +97,18 @@ class Runner:
         self.needs_reconcile = True
         self.handed_back = False
         self.last_poke = 0.0
+        self.interrupt_grace_s = INTERRUPT_GRACE_S
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # --- main loop -------------------------------------------------------------------------------------
-    async def run(self) -> int:
+    async def run(self, until_idle: bool = False) -> int:
+        """Work until stopped; with `until_idle` (a burst, as arq's run_check) return once nothing is in inbox/
+        and nothing in ComfyUI: tests drive the runner that way, in-process."""
         self.recover()
         self.stream.start()
         self.prefetcher.start()
-        beating = asyncio.create_task(self.heartbeat(), name="heartbeat")
+        side = [asyncio.create_task(self.heartbeat(), name="heartbeat"),
+                asyncio.create_task(self.watch_deadlines(), name="deadlines")]
         try:
             while not self.flags.abort.is_set():
                 if self.flags.stopping.is_set():
@@ -95,12 +118,18 @@ class Runner:
                 elif self.stream.connected.is_set():
                     await self.fill()
                 await self.settle()
+                if until_idle and self.idle():
+                    break
                 await self.wait_for_change()
         finally:
-            beating.cancel()
+            for task in [*side, *self.tasks]:
+                task.cancel()
             self.prefetcher.close()
             await self.stream.stop()
         return EXIT_ABORTED if self.flags.abort.is_set() else EXIT_OK
+
+    def idle(self) -> bool:
+        return not self.inflight and not self.spool.inbox_entries()
 
     async def heartbeat(self) -> None:
         """Beat from its own task: a long LoRA download inside fill() must not look like a stuck runner, while a
@@ -108,6 +137,13 @@ class Runner:
         while True:
             self.spool.beat("runner")
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def watch_deadlines(self) -> None:
+        """Deadlines in their own task: the main loop may be waiting on ComfyUI (bounded, but a few seconds),
+        and a job's deadline must not wait for it."""
+        while True:
+            await self.check_deadline()
+            await asyncio.sleep(DEADLINE_TICK_S)
 
     async def wait_for_change(self) -> None:
         """Sleep until an event (a prompt finished, a job was collected) or the next tick; a wake that came
@@ -119,11 +155,14 @@ class Runner:
     def capacity(self) -> int:
         return 1 + self.settings.queue_ahead
 
+    def head(self) -> Inflight | None:
+        return next(iter(self.inflight.values()), None)
+
     # --- taking jobs ---------------------------------------------------------------------------------
     async def fill(self) -> None:
         claimed = False
         while len(self.inflight) < self.capacity() and not self.flags.stopping.is_set():
-            entry = self.spool.next_ready()
+            entry = self.spool.next_ready(self.clock.time())
             if entry is None:
                 break
             path = self.spool.claim(entry)
@@ -133,7 +172,7 @@ class Runner:
             job = self.load_job(path)
             if job is not None:
                 await self.start(job)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if claimed or now - self.last_poke >= PREFETCH_POKE_S:
             # Returns at once: the prefetch thread reads the head of inbox/ and downloads. Poked when the head
             # moved, else once a second for new arrivals, not on every 50 ms tick.
@@ -154,7 +193,7 @@ class Runner:
     async def start(self, job: dict[str, Any]) -> None:
         """Prepare (LoRA, inputs, patch) and queue one job; on failure, finish or hand it back."""
         attempt = int(job.get("attempt", 1))
-        job.update(promptId=prompt_id_for(job["taskId"], attempt), state="claimed", claimedAt=time.time())
+        job.update(promptId=prompt_id_for(job["taskId"], attempt), state="claimed", claimedAt=self.clock.time())
         job.pop("startedAt", None)
         self.spool.write_processing(job)
         inf = Inflight(job, job["promptId"])
@@ -175,19 +214,24 @@ class Runner:
         self.spool.write_processing(inf.job)
         self.inflight[inf.prompt_id] = inf
         if inf.head_since is None and next(iter(self.inflight)) == inf.prompt_id:
-            inf.head_since = time.time()
+            inf.head_since = self.clock.time()
         try:
             await self.client.queue_prompt(workflow, inf.prompt_id, {"selfix": {"taskId": inf.task_id}})
         except ComfyRejected as exc:
+            error = m.TaskError(m.INVALID_WORKFLOW, str(exc), node_errors=exc.node_errors)
+            if exc.queued:
+                self.begin_cancel(inf, error)
+                return
             del self.inflight[inf.prompt_id]
-            self.fail(inf, m.TaskError(m.INVALID_WORKFLOW, str(exc), node_errors=exc.node_errors))
+            self.promote_head()
+            self.fail(inf, error)
             return
         except ComfyUnavailable as exc:
             # It may or may not have been queued: reconcile() looks in /queue and /history before resubmitting.
             inf.log().warning("ComfyUI unavailable while queueing: {}", exc)
             self.needs_reconcile = True
             return
-        inf.job.update(state="submitted", submittedAt=time.time())
+        inf.job.update(state="submitted", submittedAt=self.clock.time())
         self.spool.write_processing(inf.job)
         inf.log().info("queued in ComfyUI as {} (attempt {})", inf.prompt_id, inf.job.get("attempt", 1))
 
@@ -197,7 +241,7 @@ class Runner:
         if inf is None:
             return
         if kind == "execution_start":
-            inf.started_at = time.time()
+            inf.started_at = self.clock.time()
             inf.job["startedAt"] = inf.started_at
             self.spool.write_processing(inf.job)
             crashpoint(self.settings, self.spool, "runner.after_start")
@@ -209,7 +253,7 @@ class Runner:
 
     def record_progress(self, inf: Inflight, data: dict[str, Any]) -> None:
         inf.job["progress"] = {"value": data.get("value"), "max": data.get("max"), "node": data.get("node")}
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - inf.progress_written >= PROGRESS_WRITE_S:
             inf.progress_written = now
             self.spool.write_processing(inf.job)
@@ -220,20 +264,25 @@ class Runner:
 
     # --- finishing -------------------------------------------------------------------------------------
     async def settle(self) -> None:
+        for inf in [i for i in self.inflight.values() if i.gave_up]:
+            self.give_up(inf)  # first: reconcile() below may wait on a hung ComfyUI
         silent = time.monotonic() - self.stream.last_frame_at > self.settings.ws_silence_s
         if self.inflight and (self.needs_reconcile or silent):
             await self.reconcile()
         for inf in list(self.inflight.values()):
-            if inf.finished.is_set():
+            if self.inflight.get(inf.prompt_id) is not inf:
+                continue  # finished meanwhile
+            if inf.rejection is not None:
+                await self.cancel(inf)
+            elif inf.finished.is_set():
                 await self.collect(inf)
-        await self.check_deadline()
 
     async def reconcile(self) -> None:
         """Ask ComfyUI where each inflight prompt is: queued, finished (history) or lost (ComfyUI restarted)."""
         try:
             queue = await self.client.queue()  # queue before history: a prompt moves from one to the other
             for inf in list(self.inflight.values()):
-                if inf.finished.is_set() or queue.holds(inf.prompt_id):
+                if inf.rejection is not None or inf.finished.is_set() or queue.holds(inf.prompt_id):
                     continue
                 inf.history = await self.client.history(inf.prompt_id)
                 if inf.history is not None:
@@ -248,10 +297,11 @@ class Runner:
 
     async def lost(self, inf: Inflight) -> None:
         del self.inflight[inf.prompt_id]
-        if inf.job.get("startedAt"):
+        self.promote_head()
+        verdict = on_lost(started=bool(inf.job.get("startedAt")))
+        if verdict.kind == "retry" and verdict.error is not None:
             inf.log().warning("prompt {} vanished from ComfyUI mid-run (ComfyUI restarted?)", inf.prompt_id)
-            self.retry(inf, m.TaskError(m.COMFYUI_UNAVAILABLE, "ComfyUI stopped while running the job",
-                                        retriable=True))
+            self.retry(inf, verdict.error)
         else:
             inf.log().info("prompt {} never reached ComfyUI; queueing it again", inf.prompt_id)
             await self.start(inf.job)
@@ -265,11 +315,17 @@ class Runner:
             inf.finished.clear()  # executing(null) without history yet: look again on the next reconcile
             self.needs_reconcile = True
             return
+        verdict = judge(entry, inf.timed_out_at is not None, self.settings.job_timeout_s)
         try:
-            await self.conclude(inf, entry)
+            if verdict.kind == "complete":
+                await self.complete(inf, entry)
         except ComfyUnavailable as exc:
             inf.log().warning("could not fetch outputs yet: {}", exc)
             return
+        if verdict.kind == "retry" and verdict.error is not None:
+            self.retry(inf, verdict.error)
+        elif verdict.error is not None:
+            self.fail(inf, verdict.error)
         del self.inflight[inf.prompt_id]
         self.promote_head()
         self.wake.set()
@@ -277,23 +333,9 @@ class Runner:
             await self.client.forget_history([inf.prompt_id])
 
     def promote_head(self) -> None:
-        head = next(iter(self.inflight.values()), None)
+        head = self.head()
         if head is not None and head.head_since is None:
-            head.head_since = time.time()
-
-    async def conclude(self, inf: Inflight, entry: dict[str, Any]) -> None:
-        status = entry.get("status", {})
-        if status.get("status_str") == "success" and status.get("completed", True):
-            await self.complete(inf, entry)
-            return
-        kind, data = _terminal_message(status)
-        if kind == "execution_interrupted" and inf.timed_out_at is not None:
-            self.fail(inf, m.TaskError(m.TIMEOUT, f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s "
-                                                  f"in node {data.get('node_id')} ({data.get('node_type')})"))
-        elif kind == "execution_interrupted":
-            self.retry(inf, m.TaskError(m.INTERRUPTED, "ComfyUI interrupted the job", retriable=True))
-        else:
-            self.fail_or_retry(inf, _execution_error(data))
+            head.head_since = self.clock.time()
 
     async def complete(self, inf: Inflight, entry: dict[str, Any]) -> None:
         items = collect_outputs(entry)
@@ -323,7 +365,7 @@ class Runner:
                        len(done.image_paths), result["metadata"]["generationTime"])
 
     def metadata(self, inf: Inflight, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        job, now = inf.job, time.time()
+        job, now = inf.job, self.clock.time()
         started = _history_times(entry)
         gen = (started[1] - started[0]) if started else 0.0
         began = started[0] if started else (job.get("startedAt") or now)
@@ -342,18 +384,16 @@ class Runner:
         self.spool.drop_processing(inf.task_id)
         inf.log().warning("failed: {} {}", error.code, error.message)
 
-    def fail_or_retry(self, inf: Inflight, error: m.TaskError) -> None:
-        (self.retry if error.retriable else self.fail)(inf, error)
-
     def retry(self, inf: Inflight, error: m.TaskError) -> None:
         """Back to inbox/ with attempt + 1 after a jittered backoff, or a final failure past MAX_ATTEMPTS."""
         job, attempt = inf.job, int(inf.job.get("attempt", 1))
-        if attempt >= self.settings.max_attempts:
-            self.fail(inf, m.TaskError(m.RETRIES_EXHAUSTED, f"gave up after {attempt} attempt(s); last error "
-                                                           f"{error.code}: {error.message}"))
+        verdict = after_failure(error, attempt, self.settings.max_attempts)
+        if verdict.kind == "fail" and verdict.error is not None:
+            self.fail(inf, verdict.error)
             return
         delay = compute_backoff(attempt, self.settings.retry_base_s, self.settings.retry_max_s)
-        job.update(attempt=attempt + 1, notBefore=time.time() + delay, lastError=error.as_error(), state="queued")
+        job.update(attempt=attempt + 1, notBefore=self.clock.time() + delay, lastError=error.as_error(),
+                   state="queued")
         for key in ("promptId", "startedAt", "progress"):
             job.pop(key, None)
         self.spool.requeue(job)
@@ -366,52 +406,104 @@ class Runner:
         job["deferrals"] = int(job.get("deferrals", 0)) + 1
         delay = compute_backoff(min(job["deferrals"], 10), max(self.settings.retry_base_s, 0.5),
                                 max(self.settings.retry_max_s, 1.0))
-        job.update(notBefore=time.time() + delay, state="queued")
+        job.update(notBefore=self.clock.time() + delay, state="queued")
         job.pop("promptId", None)
         self.spool.requeue(job)
         inf.log().warning("deferred {:.1f}s: {}", delay, reason)
 
+    # --- a prompt ComfyUI accepted in part (200 with node_errors) --------------------------------------
+    def begin_cancel(self, inf: Inflight, error: m.TaskError) -> None:
+        """ComfyUI queued the outputs that validated and will run them. The task fails, but only once nothing of
+        that prompt is left: the intent is in processing/ first, so a runner restarted meanwhile finishes it."""
+        inf.rejection = error
+        inf.job.update(state="cancelling", rejection=error.as_error())
+        self.spool.write_processing(inf.job)
+        inf.log().warning("ComfyUI queued prompt {} in part ({}); removing it before failing the task",
+                          inf.prompt_id, error.message)
+        self.wake.set()
+
+    async def cancel(self, inf: Inflight) -> None:
+        now = self.clock.monotonic()
+        if now < inf.cancel_at:
+            return
+        inf.cancel_at = now + CANCEL_POLL_S
+        try:
+            step = cancel_step(await self.client.queue(), inf.prompt_id)
+            if step == "delete":
+                await self.client.delete_pending([inf.prompt_id])
+                step = cancel_step(await self.client.queue(), inf.prompt_id)
+            if step == "interrupt":
+                await self.client.interrupt(inf.prompt_id)
+                return  # it leaves the queue when ComfyUI stops it; look again then
+            if step != "clean":
+                return
+            await self.client.forget_history([inf.prompt_id])
+        except ComfyUnavailable as exc:
+            inf.log().debug("removing prompt {} postponed: {}", inf.prompt_id, exc)
+            return
+        # Gone from /queue: it writes no more files, so what is removed now stays removed.
+        remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, inf.task_id)
+        del self.inflight[inf.prompt_id]
+        self.promote_head()
+        self.wake.set()
+        assert inf.rejection is not None
+        self.fail(inf, inf.rejection)
+
     # --- deadlines and draining ------------------------------------------------------------------------
     async def check_deadline(self) -> None:
-        head = next(iter(self.inflight.values()), None)
-        if head is None:
+        head = self.head()
+        if head is None or head.rejection is not None or head.gave_up:
             return
-        since = head.started_at or head.head_since
-        now = time.time()
-        if since is None or now - since < self.settings.job_timeout_s:
-            return
-        if head.timed_out_at is None:
+        now = self.clock.time()
+        step = deadline_step(head.started_at or head.head_since, head.timed_out_at, now,
+                             self.settings.job_timeout_s, self.interrupt_grace_s)
+        if step == "interrupt":
             head.timed_out_at = now
             head.log().warning("deadline of {:g}s passed: interrupting {}", self.settings.job_timeout_s,
                                head.prompt_id)
+            # Not awaited here: on a hung ComfyUI the call takes its whole timeout, and the grace counts already.
+            self.background(self.client.interrupt(head.prompt_id), "interrupt")
+        elif step == "give_up":
+            head.gave_up = True
+            self.wake.set()
+
+    def background(self, call: Coroutine[Any, Any, None], what: str) -> None:
+        async def guarded() -> None:
             with contextlib.suppress(ComfyUnavailable):
-                await self.client.interrupt(head.prompt_id)
-        elif now - head.timed_out_at > INTERRUPT_GRACE_S:
-            del self.inflight[head.prompt_id]
-            self.promote_head()
-            self.fail(head, m.TaskError(m.TIMEOUT, f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s "
-                                                   "and ComfyUI did not stop it"))
+                await call
+
+        task = asyncio.create_task(guarded(), name=what)
+        self.tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.tasks.discard)
+
+    def give_up(self, inf: Inflight) -> None:
+        del self.inflight[inf.prompt_id]
+        self.promote_head()
+        self.fail(inf, m.TaskError(m.TIMEOUT, f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s "
+                                              "and ComfyUI did not stop it"))
 
     async def hand_back_pending(self) -> None:
         """Draining: jobs queued in ComfyUI but not started go back to inbox/ (same attempt)."""
         if self.handed_back:
             return
-        self.handed_back = True
-        pending = [inf for inf in list(self.inflight.values())[1:] if not inf.job.get("startedAt")]
-        if not pending:
-            return
+        slots = [Slot(i.prompt_id, bool(i.job.get("startedAt")), i.rejection is not None)
+                 for i in self.inflight.values()]
+        pending = [self.inflight[pid] for pid in hand_back(slots)]
         try:
-            await self.client.delete_pending([inf.prompt_id for inf in pending])
-            queue = await self.client.queue()
-        except ComfyUnavailable:
-            return
-        for inf in pending:
-            if not queue.holds(inf.prompt_id) and await self.client.history(inf.prompt_id) is None:
-                del self.inflight[inf.prompt_id]
-                inf.job.update(state="queued")
-                inf.job.pop("promptId", None)
-                self.spool.requeue(inf.job)
-                inf.log().info("handed back to inbox/ (draining)")
+            if pending:
+                await self.client.delete_pending([inf.prompt_id for inf in pending])
+                queue = await self.client.queue()
+                for inf in pending:
+                    if not queue.holds(inf.prompt_id) and await self.client.history(inf.prompt_id) is None:
+                        del self.inflight[inf.prompt_id]
+                        inf.job.update(state="queued")
+                        inf.job.pop("promptId", None)
+                        self.spool.requeue(inf.job)
+                        inf.log().info("handed back to inbox/ (draining)")
+        except ComfyUnavailable as exc:
+            logger.debug("hand-back postponed: {}", exc)
+            return  # again on the next turn
+        self.handed_back = True
 
     # --- recovery --------------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -430,27 +522,11 @@ class Runner:
         for job in sorted(jobs, key=lambda j: j.get("submittedAt") or j.get("claimedAt") or 0):
             pid = job.get("promptId") or prompt_id_for(job["taskId"], int(job.get("attempt", 1)))
             job["promptId"] = pid
-            self.inflight[pid] = Inflight(job, pid, started_at=job.get("startedAt"))
+            rejection = error_from(job["rejection"]) if isinstance(job.get("rejection"), dict) else None
+            self.inflight[pid] = Inflight(job, pid, started_at=job.get("startedAt"), rejection=rejection)
             logger.bind(task_id=job["taskId"]).info("re-attaching to prompt {}", pid)
         self.promote_head()
         self.needs_reconcile = True
-
-
-def _terminal_message(status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    for kind, data in reversed(status.get("messages", [])):
-        if kind in ("execution_error", "execution_interrupted"):
-            return kind, data
-    return "unknown", {}
-
-
-def _execution_error(data: dict[str, Any]) -> m.TaskError:
-    exc_type, exc_msg = str(data.get("exception_type", "")), str(data.get("exception_message", "")).strip()
-    where = f"node {data.get('node_id')} ({data.get('node_type')})"
-    if "OutOfMemory" in exc_type or "out of memory" in exc_msg.lower():
-        return m.TaskError(m.OUT_OF_MEMORY, f"{where}: {exc_type}: {exc_msg}", retriable=True)
-    if not data:
-        return m.TaskError(m.EXECUTION_ERROR, "ComfyUI reported the job as failed without details")
-    return m.TaskError(m.EXECUTION_ERROR, f"{where}: {exc_type}: {exc_msg}")
 
 
 def _history_times(entry: dict[str, Any] | None) -> tuple[float, float] | None:

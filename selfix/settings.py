@@ -261,6 +261,9 @@ SPECS: tuple[Spec, ...] = (
       group="kafka"),
     S("KAFKA_STATUS_EVENTS", "kafka_status_events", "false", _bool,
       "Also publish accepted/started/progress events on the output topic.", group="kafka"),
+    S("KAFKA_DRAIN_S", "kafka_drain_s", "90", _non_negative_float,
+      "On SIGTERM the consumer stays in the group this long at most, until the tasks already started are published "
+      "(so its last commit covers them); keep it below the consumer's stopwaitsecs.", group="kafka"),
     S("KAFKA_SESSION_TIMEOUT_MS", "kafka_session_timeout_ms", "30000", _positive_int,
       "Consumer group session timeout: a node silent this long loses its partitions to the fleet.", group="kafka"),
     S("METRICS_PORT", "metrics_port", "9400", _port, "Watchdog HTTP port: /metrics, /healthz, /readyz.",
@@ -275,8 +278,9 @@ SPECS: tuple[Spec, ...] = (
       group="watchdog"),
     S("FREE_EVERY_MIN", "free_every_min", "0", _non_negative_float, "Periodic /free every M minutes (0 = off).",
       group="watchdog"),
-    S("COMFY_UNRESPONSIVE_S", "comfy_unresponsive_s", "60", _positive_float,
-      "ComfyUI not answering this long is restarted.", group="watchdog"),
+    S("COMFY_UNRESPONSIVE_S", "comfy_unresponsive_s", "15", _positive_float,
+      "ComfyUI not answering /system_stats this long (3 s probes) is killed (SIGKILL to its process group) and "
+      "started again.", group="watchdog"),
     S("COMFY_RSS_LIMIT_GB", "comfy_rss_limit_gb", "0", _non_negative_float,
       "Restart ComfyUI when its RSS exceeds this (0 = off).", group="watchdog"),
     S("HEARTBEAT_STALE_S", "heartbeat_stale_s", "60", _positive_float,
@@ -353,6 +357,7 @@ class Settings:
     kafka_topic_dlq: str | None
     kafka_ssl_ca_location: str | None
     kafka_status_events: bool
+    kafka_drain_s: float
     kafka_session_timeout_ms: int
     metrics_port: int
     metrics_host: str

@@ -25,6 +25,7 @@ from selfix.spool import Spool
 from selfix.storage import DEFAULT_PART_SIZE, ObjectStore, StorageError, open_store
 
 IDLE_POLL_S = 0.05
+DRAIN_S = 30.0  # on SIGTERM, how long the uploader keeps publishing outbox/ (below its stopwaitsecs)
 PRUNE_EVERY_S = 600.0
 UPLOAD_THREADS = 4
 
@@ -66,11 +67,22 @@ class Uploader:
         self.refused: str | None = None
 
     def run(self) -> int:
+        drain_until: float | None = None
         while not self.flags.abort.is_set():
             self.spool.beat("uploader")
             pending = self.spool.outbox_tasks()
-            if self.flags.stopping.is_set() and not self._ready(pending):
-                break  # drained: what is left waits for its backoff, and survives in outbox/ anyway
+            if self.flags.stopping.is_set():
+                # supervisord stops the uploader after the runner: publish everything in outbox/ (waiting out
+                # backoffs), within DRAIN_S; what is left then survives in outbox/ for the next start.
+                now = time.monotonic()
+                if drain_until is None:
+                    drain_until = now + DRAIN_S
+                    logger.info("draining: {} result(s) in outbox/", len(pending))
+                if not pending or now >= drain_until:
+                    if pending:
+                        logger.warning("drain ended after {:g}s with {} result(s) left in outbox/", DRAIN_S,
+                                       len(pending))
+                    break
             for task_id in self._ready(pending):
                 if self.flags.abort.is_set() or self.refused:
                     break

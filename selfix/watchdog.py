@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +41,7 @@ from selfix.supervisor import ProgramInfo, Supervisor, SupervisorError
 
 STATE_FILE = "watchdog.state.json"
 STATUS_FILE = "watchdog.json"
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 3.0  # a healthy ComfyUI answers /system_stats in milliseconds, also mid-job
 STOP_TIMEOUT_S = 90.0  # supervisord escalates to SIGKILL after the program's stopwaitsecs (30 s for comfyui)
 PENDING_RESTART_MAX_S = 600.0
 GB = 1 << 30
@@ -332,6 +333,8 @@ class Watchdog:
         self.restart_pending = {"reason": action.reason, "at": r.now, "pid": self.known_comfy_pid}
         self.pstate = pol.after_restart(self.pstate, r, pol.COMFYUI)  # rate limit counts from the attempt
         self.persist()
+        if action.reason == "unresponsive" and await self.kill_comfy(r):
+            return  # supervisord's autorestart starts it; resume_pending_restart() sees the new pid
         try:
             await asyncio.to_thread(self.sup.stop, pol.COMFYUI)
             await self.wait_stopped(pol.COMFYUI)
@@ -340,6 +343,30 @@ class Watchdog:
             logger.error("ComfyUI restart ({}) failed: {}; retrying on the next tick", action.reason, exc)
             return
         self.finish_comfy_restart(action.reason, action.detail)
+
+    async def kill_comfy(self, r: pol.Readings) -> bool:
+        """SIGKILL ComfyUI's process group at once: a ComfyUI that does not answer cannot drain, and a stopped
+        (SIGSTOP) or wedged one ignores the SIGTERM of stopProcess, which would only cost its stopwaitsecs."""
+        comfy = r.program(pol.COMFYUI)
+        if comfy is None or comfy.pid <= 0:
+            return False
+        try:
+            group = os.getpgid(comfy.pid)
+            if group == comfy.pid and group != os.getpgrp():
+                os.killpg(group, signal.SIGKILL)  # supervisord makes each program the leader of its own group
+            else:
+                os.kill(comfy.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # gone already: supervisord restarts it anyway
+        except OSError as exc:
+            logger.warning("killing ComfyUI's process group {} failed ({}); asking supervisord", comfy.pid, exc)
+            try:
+                await asyncio.to_thread(self.sup.signal, pol.COMFYUI, "KILL")
+            except SupervisorError as sup_exc:
+                logger.error("SIGKILL of ComfyUI through supervisord failed: {}", sup_exc)
+                return False
+        logger.warning("ComfyUI (pid {}) killed; supervisord starts it again", comfy.pid)
+        return True
 
     def finish_comfy_restart(self, reason: str, detail: str, happened: bool = True) -> None:
         self.restart_pending = None

@@ -9,7 +9,7 @@ validation errors, the execution order of nodes and ComfyUI's "classic" output c
 work instead of running models. Comments starting with "real:" name the ComfyUI code path being mirrored.
 
 Hooks the real server does not have live under /fake/ so they can never be mistaken for real routes:
-GET /fake/stats and POST /fake/vram. `--exec-log FILE` and `--startup-delay S` are test aids as well.
+GET /fake/stats, POST /fake/vram and POST /fake/oom. `--exec-log FILE` and `--startup-delay S` are test aids as well.
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class InterruptProcessingError(Exception):
     """real: comfy.model_management.InterruptProcessingException."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """What POST /fake/oom makes the next KSampler raise; named like torch's, so exception_type reads the same."""
+
+
+OutOfMemoryError.__module__ = "torch"
 
 
 class SafetensorError(Exception):
@@ -1635,6 +1642,10 @@ class Executor:
                               srv.client_id)
             state = self.objects.setdefault((node_id, class_type), {})
             self.check_interrupt()  # real: before_node_execution()
+            if class_type == "KSampler" and srv.oom_left > 0:
+                srv.oom_left -= 1
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                       "of 79.19 GiB of which 1.06 GiB is free.")
             call = NodeCall(data, node_id, state, srv.env, self._progress_hook(run, node_id), self.check_interrupt,
                             srv.text_sender(node_id))
             result = await definition.run(call)
@@ -1851,6 +1862,7 @@ class FakeComfy:
         self.interrupt_flag = False
         self.stats = Stats()
         self.vram: dict[str, int] | None = None
+        self.oom_left = 0  # POST /fake/oom: this many KSampler runs fail with torch.OutOfMemoryError
         self.messages: asyncio.Queue[tuple[str | int, Any, str | None]] = asyncio.Queue()
         self.wakeup = asyncio.Event()
 
@@ -2096,7 +2108,8 @@ class Routes:
         ]
 
     def fake_table(self) -> list[tuple[str, str, Handler]]:
-        return [("GET", "/fake/stats", self.fake_stats), ("POST", "/fake/vram", self.fake_vram)]
+        return [("GET", "/fake/stats", self.fake_stats), ("POST", "/fake/vram", self.fake_vram),
+                ("POST", "/fake/oom", self.fake_oom)]
 
     # ---- websocket -----------------------------------------------------------------------------
 
@@ -2376,6 +2389,14 @@ class Routes:
             "torch_vram_free": int(body.get("torch_vram_free", 0)),
         }
         return web.json_response(self._device(0, 0))
+
+
+    async def fake_oom(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("times"), int) or body["times"] < 0:
+            return web.json_response({"error": "need a non-negative integer times"}, status=400)
+        self.s.oom_left = body["times"]
+        return web.json_response({"times": self.s.oom_left})
 
 
 def _serve_view(path: str, filename: str, preview: str | None, channel: str | None) -> web.StreamResponse:
