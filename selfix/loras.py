@@ -58,6 +58,7 @@ from selfix.messages import (
     Limits,
     TaskError,
     check_lora_key,
+    strict_loads,
 )
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -178,8 +179,8 @@ def keys_in_processing(spool: Spool) -> set[str]:
     keys: set[str] = set()
     for path in spool.processing_files():
         try:
-            job = json.loads(path.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError):
+            job = strict_loads(path.read_bytes())
+        except (OSError, ValueError):
             continue  # gone meanwhile, or being quarantined
         if isinstance(job, dict):
             keys.update(k for k in job.get("loraModels") or [] if isinstance(k, str))
@@ -748,8 +749,8 @@ class Prefetcher:
         for entry in self.spool.inbox_entries()[: self.depth]:
             raw = self.spool.read_inbox(entry)
             try:
-                job: Any = json.loads(raw) if raw else None
-            except (ValueError, UnicodeDecodeError):
+                job: Any = strict_loads(raw) if raw else None
+            except ValueError:
                 continue
             if not isinstance(job, dict):
                 continue

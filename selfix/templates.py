@@ -15,9 +15,9 @@ from typing import Any
 from selfix.messages import INVALID_PARAMS, UNKNOWN_TEMPLATE, TaskError
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
-WHOLE_RE = re.compile(r"^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+WHOLE_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")  # WHOLE_RE and NAME_RE: fullmatch() only
 PART_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Catalog:
@@ -40,7 +40,7 @@ class Catalog:
         return sorted(self.templates)
 
     def render(self, name: str, params: dict[str, Any], loras: list[str]) -> dict[str, Any]:
-        if not NAME_RE.match(name) or name not in self.templates:
+        if not NAME_RE.fullmatch(name) or name not in self.templates:
             raise TaskError(UNKNOWN_TEMPLATE, f"unknown template {name[:64]!r}; known: {', '.join(self.names())}")
         tpl = self.templates[name]
         declared: dict[str, Any] = tpl.get("params", {})
@@ -102,7 +102,7 @@ def fill(node: Any, values: dict[str, Any]) -> Any:
     if isinstance(node, list):
         return [fill(v, values) for v in node]
     if isinstance(node, str):
-        whole = WHOLE_RE.match(node)
+        whole = WHOLE_RE.fullmatch(node)
         if whole:
             return values[whole[1]]
         return PART_RE.sub(lambda m: str(values[m[1]]), node)
