@@ -570,6 +570,7 @@ class ResultPublisher:
         self.wait_s = wait_s
         self.sender = KafkaSender(settings, "uploader", overrides)
         self.pending: dict[str, Delivery] = {}
+        self.rejected: set[str] = set()  # results refused once: the broker judges whole batches, so try alone again
         self.watcher = ProgressWatcher(spool, self.emit) if settings.kafka_status_events and spool else None
 
     def publish(self, result: dict[str, Any]) -> None:
@@ -587,8 +588,12 @@ class ResultPublisher:
             raise PublishError(f"result not acknowledged by Kafka yet ({self.sender.problem()}); it stays in outbox/")
         del self.pending[task_id]
         if delivery.error is not None:
-            error = MessageRejected if is_rejection(delivery.error) else PublishError
+            again = task_id not in self.rejected
+            if is_rejection(delivery.error) and again:
+                self.rejected.add(task_id)  # maybe refused for a batch it shared with a larger message
+            error = MessageRejected if is_rejection(delivery.error) and not again else PublishError
             raise error(self.sender.describe(delivery.error))
+        self.rejected.discard(task_id)
 
     def dead_letter(self, result: dict[str, Any], reason: str) -> None:
         """The failed result of a task whose result the output topic refuses, to KAFKA_TOPIC_DLQ (if set)."""
