@@ -91,7 +91,9 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # A lone surrogate (from a message ComfyUI echoed, say) cannot be UTF-8: written as its JSON escape instead of
+    # crashing the writer. It only occurs inside strings, where "\\udXXX" is exactly what JSON reads back.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 class Spool:

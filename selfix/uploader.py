@@ -96,7 +96,8 @@ def replacement(task_id: str, result: dict[str, Any], exc: BaseException, verdic
         error = TaskError(exc.result_code("output"), f"the images could not be stored: {exc}")
     else:
         error = TaskError(OUTPUT_INVALID, f"the result could not be delivered as it is: {type(exc).__name__}: {exc}")
-    error.message = error.message[:1000]
+    # The cause may itself be the poison (a lone surrogate in a message): the replacement must be plain UTF-8.
+    error.message = error.message[:1000].encode("utf-8", "backslashreplace").decode()
     metadata = result.get("metadata")
     user_id = result.get("userId")
     return failed_result(task_id, user_id if isinstance(user_id, str) else None, error,

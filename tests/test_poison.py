@@ -351,3 +351,42 @@ def test_unresolved_tasks_metric_and_status_line(tmp_path: Path) -> None:
     spool.finish({"taskId": "old-out"})
     spool.drop_processing("old-run")
     assert [t for t, _ in spool.unresolved(600)] == ["old-inbox"]
+
+
+def test_a_lone_surrogate_in_a_result_never_stops_a_writer_or_the_answer(tmp_path: Path) -> None:
+    """ComfyUI may echo text selfix did not parse itself: the result is still written, and if the broker side cannot
+    encode it, the replacement failed result is clean UTF-8."""
+    from selfix.uploader import replacement
+
+    spool = Spool(tmp_path / "spool").ensure()
+    result = {"taskId": "s", "userId": "u1", "status": "failed", "metadata": {},
+              "error": {"code": "execution_error", "message": "node 3: bad \ud800 text", "retriable": False}}
+    assert spool.write_result(result)
+    assert spool.read_result("s")["error"]["message"] == "node 3: bad \ud800 text"
+    with pytest.raises(UnicodeEncodeError) as info:
+        json.dumps(result, ensure_ascii=False).encode()
+    assert classify("publish", info.value) == "rejected"
+    failed = replacement("s", result, info.value, "rejected")
+    assert failed["error"]["code"] == m.OUTPUT_INVALID
+    json.dumps(failed, ensure_ascii=False).encode()
+
+
+def test_every_module_pattern_is_anchored_for_fullmatch_only() -> None:
+    """The class, not the case: no compiled pattern in selfix ends in `$` (which matches before a final newline);
+    anchoring is fullmatch()'s job."""
+    import importlib
+    import pkgutil
+    import re
+
+    import selfix
+
+    offenders = []
+    for info in pkgutil.iter_modules(selfix.__path__):
+        if info.name == "__main__":
+            continue
+        module = importlib.import_module(f"selfix.{info.name}")
+        for name, value in vars(module).items():
+            pattern = value.pattern if isinstance(value, re.Pattern) else None
+            if isinstance(pattern, str) and pattern.endswith("$") and not pattern.endswith("\\$"):
+                offenders.append(f"selfix.{info.name}.{name}")
+    assert offenders == []
