@@ -600,8 +600,9 @@ class ResultPublisher:
         if not self.dlq:
             return
         value = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
-        headers: list[tuple[str, str | bytes | None]] = [("selfix-error", reason.encode()[:1000]),
-                                                          ("selfix-source-topic", self.topic.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("selfix-error", reason.encode("utf-8", "backslashreplace")[:1000]),
+            ("selfix-result-topic", self.topic.encode())]
         delivery = self.sender.send(self.dlq, str(result["taskId"]), value, headers)
         if not self.sender.wait(delivery, self.wait_s) or delivery.error is not None:
             problem = self.sender.describe(delivery.error) if delivery.error else "not acknowledged"

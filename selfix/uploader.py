@@ -214,6 +214,7 @@ class Uploader:
         """corrupt/ keeps the outbox entry, the DLQ gets the failed result; done/ (written by the caller) records
         the task as settled, so its offset is committed and the consumer does not read it again."""
         log = logger.bind(task_id=task_id)
+        reason = reason.encode("utf-8", "backslashreplace").decode()  # the cause may hold the poison itself
         try:
             self.publisher.dead_letter(failed, reason)
         except Exception as exc:  # noqa: BLE001 - the DLQ is best effort here: corrupt/ keeps the bytes

@@ -195,6 +195,8 @@ def test_a_result_the_output_topic_refuses_even_as_a_failure_is_dead_lettered(ka
     assert "huge" in name and "failed result too" in reason
     dead = read_topic(kafka_broker, dlq, min_count=1, idle=0.5)
     assert [(r.key, r.json()["error"]["code"]) for r in dead] == [("huge", "output_invalid")]
+    assert dead[0].headers["selfix-result-topic"] == tiny.encode() and b"failed result too" in dead[0].headers[
+        "selfix-error"]
     assert [r["taskId"] for r in results_of(read_topic(kafka_broker, tiny, min_count=1, idle=0.5))] == ["small"]
 
 
