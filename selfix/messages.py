@@ -47,6 +47,7 @@ STORAGE_UNAVAILABLE = "storage_unavailable"
 NO_OUTPUT = "no_output"
 RETRIES_EXHAUSTED = "retries_exhausted"
 OUTPUT_INVALID = "output_invalid"
+OUTPUT_FORBIDDEN = "output_forbidden"
 
 MAX_WORKFLOW_DEPTH = 32  # real graphs nest 3-4 levels; deep nesting only serves to crash recursive code
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".pkl")

@@ -23,12 +23,12 @@ from loguru import logger
 
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
-from selfix.messages import OUTPUT_INVALID, STORAGE_UNAVAILABLE, TaskError, failed_result
+from selfix.messages import OUTPUT_FORBIDDEN, OUTPUT_INVALID, STORAGE_UNAVAILABLE, TaskError, failed_result
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
-from selfix.storage import InvalidKey, ObjectStore, ObjectTooLarge, StorageError, open_store
+from selfix.storage import InvalidKey, ObjectForbidden, ObjectStore, ObjectTooLarge, StorageError, open_store
 
 IDLE_POLL_S = 0.05
 PRUNE_EVERY_S = 600.0
@@ -92,8 +92,8 @@ def replacement(task_id: str, result: dict[str, Any], exc: BaseException, verdic
     """The failed result published instead of one that cannot be delivered."""
     if verdict == "bounded" and isinstance(exc, StorageError) and exc.retriable:
         error = TaskError(STORAGE_UNAVAILABLE, f"the images could not be stored: {exc}", retriable=True)
-    elif verdict == "bounded" and isinstance(exc, StorageError):
-        error = TaskError(exc.result_code("output"), f"the images could not be stored: {exc}")
+    elif verdict == "bounded" and isinstance(exc, ObjectForbidden):
+        error = TaskError(OUTPUT_FORBIDDEN, f"the store refused the images: {exc}")
     else:
         error = TaskError(OUTPUT_INVALID, f"the result could not be delivered as it is: {type(exc).__name__}: {exc}")
     # The cause may itself be the poison (a lone surrogate in a message): the replacement must be plain UTF-8.

@@ -390,3 +390,16 @@ def test_every_module_pattern_is_anchored_for_fullmatch_only() -> None:
             if isinstance(pattern, str) and pattern.endswith("$") and not pattern.endswith("\\$"):
                 offenders.append(f"selfix.{info.name}.{name}")
     assert offenders == []
+
+
+def test_the_failed_result_after_the_bound_names_the_store_error() -> None:
+    from selfix.storage import ObjectForbidden, StorageUnavailable
+    from selfix.uploader import replacement
+
+    result = {"taskId": "t", "userId": "u1", "status": "completed", "metadata": {"attempts": 2}}
+    down = replacement("t", result, StorageUnavailable("s3 PUT: connection refused"), "bounded")
+    assert down["error"] == {"code": m.STORAGE_UNAVAILABLE, "retriable": True,
+                             "message": "the images could not be stored: s3 PUT: connection refused"}
+    refused = replacement("t", result, ObjectForbidden("s3 PUT: AccessDenied"), "bounded")
+    assert refused["error"]["code"] == m.OUTPUT_FORBIDDEN and refused["error"]["retriable"] is False
+    assert refused["metadata"] == {"attempts": 2} and refused["userId"] == "u1" and refused["status"] == "failed"
