@@ -403,3 +403,32 @@ def test_the_failed_result_after_the_bound_names_the_store_error() -> None:
     refused = replacement("t", result, ObjectForbidden("s3 PUT: AccessDenied"), "bounded")
     assert refused["error"]["code"] == m.OUTPUT_FORBIDDEN and refused["error"]["retriable"] is False
     assert refused["metadata"] == {"attempts": 2} and refused["userId"] == "u1" and refused["status"] == "failed"
+
+
+@pytest.mark.s3
+def test_results_against_real_minio_invalid_and_refused_keys_are_answered(s3_bucket: Any, tmp_path: Path) -> None:
+    """The seen case with the real store: `users/u1\\n/images/...` was retried without end. An invalid key is now
+    answered at once; a key the server itself refuses (a path segment over MinIO's 255 bytes) is retried until
+    RESULT_RETRY_S, then answered; a good result beside them is stored and published."""
+    from selfix.storage import open_store
+
+    settings = s3_bucket.settings(SPOOL_DIR=str(tmp_path / "spool"), COMFY_OUTPUT_DIR=str(tmp_path / "out"),
+                                  COMFY_INPUT_DIR=str(tmp_path / "in"), RESULT_RETRY_S="30")
+    spool = Spool(settings.spool_dir).ensure()
+    uploader = Uploader(settings, spool, open_store(settings), NoPublisher(), StopFlags())
+    completed(spool, "nl", ["users/u1\n/images/nl-0.png"], ["nl-0.png"])
+    completed(spool, "long", ["users/u1/images/" + "x" * 300 + "/long-0.png"])
+    completed(spool, "good", ["users/u1/images/good-0.png"])
+    for task_id in ("nl", "long", "good"):
+        uploader.deliver(task_id)
+    assert spool.read_done("nl")["error"]["code"] == m.OUTPUT_INVALID  # type: ignore[index]
+    assert spool.read_done("good")["status"] == "completed"  # type: ignore[index]
+    assert s3_bucket.client().stat_object(s3_bucket.bucket, "users/u1/images/good-0.png").size == 8
+    assert spool.read_done("long") is None and uploader.failures["long"] == 1, "the server's refusal is retried"
+    old = time.time() - 31
+    os.utime(spool.outbox_dir("long") / RESULT_FILE, (old, old))
+    uploader.deliver("long")
+    done = spool.read_done("long")
+    assert done is not None and done["status"] == "failed", done
+    assert done["error"]["code"] == m.OUTPUT_INVALID and "XMinioInvalidObjectName" in done["error"]["message"]
+    assert spool.outbox_tasks() == []
