@@ -57,6 +57,7 @@ DATA_URL_RE = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)
 # peek_ids' last resort on bytes no parser accepts: "taskId": "<id>" anywhere, used only when all agree.
 _ID_SCAN = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9._-]{1,128})"')
             for name in ("taskId", "userId")}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a candidate only: pairs are fine, checked after parsing
 _BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xef\xbb\xbf", "UTF-8"),
          (b"\xfe\xff", "UTF-16"), (b"\xff\xfe", "UTF-16"))  # UTF-32 first: its LE BOM starts like UTF-16's
 
@@ -147,7 +148,7 @@ def strict_loads(raw: bytes | str) -> Any:
         if "integer string conversion" in str(exc):
             raise StrictJSONError(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
         raise StrictJSONError(f"not valid JSON: {exc}") from None
-    if "\\u" in text:  # only an escape can produce a lone surrogate: valid UTF-8 holds none
+    if _SURROGATE_ESCAPE.search(text):  # only an escape can produce a lone surrogate: valid UTF-8 holds none
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
