@@ -19,7 +19,7 @@ from tests.servers.kafka_tools import produce, read_topic, results_of
 from tests.servers.node_plugin import Node, task, wait_until
 from tests.test_kafka_node import Topics, unfinished
 
-pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.chaos]
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 
 
 def raw(msg: dict[str, Any], old: bytes = b"", new: bytes = b"", encoding: str = "utf-8") -> bytes:
