@@ -340,7 +340,7 @@ def progress_line(spool: Spool, task_id: str) -> str:
     state = spool.state_of(task_id)
     if state == "processing":
         try:
-            job = json.loads(spool.processing_path(task_id).read_bytes())
+            job = strict_loads(spool.processing_path(task_id).read_bytes())
         except (OSError, ValueError):
             return f"{task_id}: running"
         bar = _bar(job.get("progress"))

@@ -7,12 +7,11 @@ number); inside a longer string it is substituted as text. `{{lora}}` defaults t
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from selfix.messages import INVALID_PARAMS, UNKNOWN_TEMPLATE, TaskError
+from selfix.messages import INVALID_PARAMS, UNKNOWN_TEMPLATE, TaskError, strict_loads
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
 WHOLE_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")  # WHOLE_RE and NAME_RE: fullmatch() only
@@ -62,7 +61,7 @@ class Catalog:
 
 def _load_one(path: Path) -> dict[str, Any]:
     """Parse and check a template once at start-up, so a broken one stops the process instead of every task."""
-    data = json.loads(path.read_text())
+    data = strict_loads(path.read_bytes())  # the same strict JSON as a task: a NaN would reach ComfyUI
     if not isinstance(data, dict) or not isinstance(data.get("workflow"), dict):
         raise ValueError(f"template {path} must be an object with a 'workflow' graph")
     declared = data.setdefault("params", {})
