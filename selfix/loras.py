@@ -150,13 +150,14 @@ class Meta:
     def loads(raw: bytes) -> Meta:
         obj = json.loads(raw)
         file = str(obj.get("file") or "")
-        if file and (not _RANDOM_NAME_RE.match(file)):
+        if file and (not _RANDOM_NAME_RE.fullmatch(file)):
             raise ValueError(f"meta names an unexpected file {file[:80]!r}")
         return Meta(str(obj["key"]), str(obj["etag"]), int(obj["size"]), float(obj["checkedAt"]), file)
 
 
-_RANDOM_NAME_RE = re.compile(r"^[0-9a-f]{32}\.safetensors$")
-_PART_RE = re.compile(r"^[0-9a-f]{40}\.part$")
+# fullmatch() only: `$` would also match before a final "\n"
+_RANDOM_NAME_RE = re.compile(r"[0-9a-f]{32}\.safetensors")
+_PART_RE = re.compile(r"[0-9a-f]{40}\.part")
 
 
 def random_name() -> str:
@@ -608,7 +609,7 @@ class LoraCache:
             for name in files:
                 path = Path(dirpath) / name
                 rel = path.relative_to(self.root).as_posix()
-                if _PART_RE.match(rel):
+                if _PART_RE.fullmatch(rel):
                     self._drop_stale_part(self.state / "locks" / f"{name[: -len(PART)]}.lock", path)
                     continue
                 if name.endswith(SUFFIX + PART):  # the older layout's <key>.part

@@ -427,7 +427,7 @@ def check_loras_used(workflow: dict[str, Any], loras: list[str]) -> None:
                                            f"lora_name to the key or to {posixpath.basename(key)!r}")
 
 
-_NOT_IN_LIST_RE = re.compile(r"^(?P<input>[^:]*): (?P<value>.*) not in .*$", re.DOTALL)
+_NOT_IN_LIST_RE = re.compile(r"(?P<input>[^:]*): (?P<value>.*) not in .*", re.DOTALL)  # fullmatch() only
 
 
 def redact_node_errors(node_errors: Any) -> Any:
@@ -445,7 +445,7 @@ def redact_node_errors(node_errors: Any) -> Any:
         for err in entry["errors"]:
             if isinstance(err, dict) and err.get("type") == "value_not_in_list":
                 err = dict(err)
-                match = _NOT_IN_LIST_RE.match(str(err.get("details", "")))
+                match = _NOT_IN_LIST_RE.fullmatch(str(err.get("details", "")))
                 if match:
                     err["details"] = f"{match['input']}: {match['value']} not in the list of choices"
                 if isinstance(err.get("extra_info"), dict):
