@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from selfix.messages import strict_loads
 from selfix.settings import (
     CONTAINER_HOME,
     EXIT_CONFIG,
@@ -339,7 +340,7 @@ def progress_line(spool: Spool, task_id: str) -> str:
     state = spool.state_of(task_id)
     if state == "processing":
         try:
-            job = json.loads(spool.processing_path(task_id).read_bytes())
+            job = strict_loads(spool.processing_path(task_id).read_bytes())
         except (OSError, ValueError):
             return f"{task_id}: running"
         bar = _bar(job.get("progress"))
@@ -432,7 +433,7 @@ def status_snapshot(settings: Settings) -> dict[str, Any]:
     running = []
     for path in spool.processing_files():
         try:
-            job = json.loads(path.read_bytes())
+            job = strict_loads(path.read_bytes())
         except (ValueError, OSError):
             continue
         started = job.get("startedAt")
@@ -461,7 +462,10 @@ def status_snapshot(settings: Settings) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         watchdog = json.loads((spool.run / "watchdog.json").read_bytes())
         watchdog["ageS"] = round(now - float(watchdog.get("at", 0)), 1)
+    unresolved = spool.unresolved(settings.unresolved_after_s, now)
     return {"counts": spool.counts(), "running": running, "recentFailures": failures[:5], "programs": programs,
+            "unresolved": {"count": len(unresolved), "afterS": settings.unresolved_after_s,
+                           "oldest": [{"taskId": t, "ageS": round(age)} for t, age in unresolved[:5]]},
             "watchdog": watchdog,
             "heartbeatAgeS": {k: (round(v, 1) if v is not None else None) for k, v in heartbeats.items()}}
 
@@ -540,6 +544,13 @@ def render_status(snap: dict[str, Any]) -> str:
         lines.append("programs: " + "  ".join(f"{k} {v}" for k, v in sorted(programs.items())))
     lines.extend(_watchdog_lines(snap.get("watchdog")))
     lines.append("spool: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    unresolved = snap.get("unresolved") or {}
+    if unresolved.get("count"):
+        oldest = ", ".join(f"{u['taskId']} ({_ago(u['ageS'])})" for u in unresolved["oldest"])
+        lines.append(f"UNRESOLVED: {unresolved['count']} task(s) accepted over {_ago(unresolved['afterS'])} ago "
+                     f"without a result: {oldest}")
+    else:
+        lines.append(f"unresolved: 0 (no task older than {_ago(unresolved.get('afterS'))} without a result)")
     for job in snap["running"]:
         elapsed = f" {_ago(job.get('elapsedS'))}" if job.get("elapsedS") is not None else ""
         node = (job.get("progress") or {}).get("node")

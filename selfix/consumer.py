@@ -23,7 +23,6 @@ validated and renamed to the canonical, ordered name the runner reads. With Kafk
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from loguru import logger
 from selfix import kafka as k
 from selfix.backoff import compute_backoff
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
-from selfix.messages import peek_ids
+from selfix.messages import peek_ids, strict_loads
 from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -213,6 +212,8 @@ class KafkaIntake:
         assert self.sender is not None and self.settings.kafka_topic_dlq
         try:
             item.delivery = self.sender.send(self.settings.kafka_topic_dlq, item.key, item.value, item.headers)
+        except k.MessageRejected as exc:
+            self.dlq_rejected(item, str(exc))
         except k.PublishError as exc:
             item.tries += 1
             item.not_before = time.monotonic() + compute_backoff(min(item.tries, 10), *DLQ_RETRY_S)
@@ -229,6 +230,9 @@ class KafkaIntake:
                 del self.dlq[key]
                 self.tracker.done(item.tp, item.offset)
                 continue
+            if d is not None and d.done and k.is_rejection(d.error):
+                self.dlq_rejected(item, self.sender.describe(d.error))
+                continue
             if d is not None and d.done:
                 item.tries += 1
                 item.delivery = None
@@ -237,6 +241,22 @@ class KafkaIntake:
                              item.tp[0], item.tp[1], item.offset, self.sender.describe(d.error), item.tries)
             if item.delivery is None and now >= item.not_before:
                 self.send_dlq(item)
+
+    def dlq_rejected(self, item: _DlqItem, why: str) -> None:
+        """The DLQ refuses this record itself (too large for the topic): send it once more without the value, then
+        give up on it, so one record never holds its partition's commits back."""
+        where = f"{item.tp[0]}[{item.tp[1]}]@{item.offset}"
+        if item.value:
+            logger.error("DLQ {}: message {} refused ({}); sending its headers without the value",
+                         self.settings.kafka_topic_dlq, where, why)
+            item.headers.append(("selfix-truncated-from", str(len(item.value)).encode()))
+            item.value, item.delivery = b"", None
+            self.send_dlq(item)
+            return
+        logger.error("DLQ {}: message {} refused even without its value ({}); logged here only",
+                     self.settings.kafka_topic_dlq, where, why)
+        self.dlq.pop((item.tp, item.offset), None)
+        self.tracker.done(item.tp, item.offset)
 
     # --- finished tasks and commits ----------------------------------------------------------------------
     def settle(self, force: bool = False) -> None:
@@ -501,7 +521,7 @@ def _source_of(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        job = json.loads(raw)
+        job = strict_loads(raw)
     except ValueError:
         return None
     source = job.get("source") if isinstance(job, dict) else None

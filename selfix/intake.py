@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from selfix.messages import InvalidTask, Limits, failed_result, parse_task
+from selfix.messages import INVALID_MESSAGE, InvalidTask, Limits, Task, failed_result, parse_task, peek_ids
 from selfix.settings import Settings
 from selfix.spool import Spool
 from selfix.templates import Catalog
@@ -38,7 +38,7 @@ def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
     corrupt/ for files, the DLQ for Kafka.
     """
     try:
-        task = parse_task(raw, limits, catalog)
+        task = _parse(raw, limits, catalog)
     except InvalidTask as exc:
         if exc.task_id is None:
             return Outcome("unaddressable", None, exc.message)
@@ -53,6 +53,25 @@ def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
     spool.enqueue(task.to_job(source=source))
     logger.bind(task_id=task.task_id).info("accepted (priority {})", task.priority)
     return Outcome("accepted", task.task_id, priority=task.priority)
+
+
+def _parse(raw: bytes, limits: Limits, catalog: Catalog) -> Task:
+    """parse_task, and a task that makes selfix itself fail (a bug, not the client's fault) is still answered
+    when its taskId can be read, instead of leaving the client without a result."""
+    try:
+        return parse_task(raw, limits, catalog)
+    except InvalidTask:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one message must never stop intake
+        task_id, user_id = peek_ids(raw)
+        logger.bind(task_id=task_id).opt(exception=True).error("intake failed on this message")
+        raise InvalidTask(INVALID_MESSAGE, f"selfix could not process this task: {type(exc).__name__}: {exc}"[:300],
+                          task_id, user_id) from exc
+
+
+def _printable(name: str) -> str:
+    """A file name as it may go into a result: undecodable bytes (os.listdir's surrogate escapes) replaced."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _quarantine(spool: Spool, path: Path, reason: str) -> None:
@@ -74,7 +93,7 @@ def ingest_dropped_files(spool: Spool, limits: Limits, catalog: Catalog) -> list
         except OSError as exc:  # unreadable (permissions, a directory): set it aside, keep the loop alive
             _quarantine(spool, path, f"cannot read dropped file: {exc}")
             continue
-        outcome = accept(spool, raw, limits, catalog, source={"file": path.name})
+        outcome = accept(spool, raw, limits, catalog, source={"file": _printable(path.name)})
         if outcome.kind == "unaddressable":
             _quarantine(spool, path, outcome.detail)
         else:

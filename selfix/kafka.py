@@ -36,6 +36,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata
 from loguru import logger
 
+from selfix.messages import strict_loads
 from selfix.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -429,6 +430,22 @@ class PublishRefused(PublishError):
     permanent = True
 
 
+class MessageRejected(PublishError):
+    """This one message can never be produced as it is (too large, refused as invalid); others still can."""
+
+    rejected = True
+
+
+# Errors about the message itself, not the connection: producing the same bytes again gets the same answer.
+REJECTED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
+                            KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD})
+
+
+def is_rejection(err: object) -> bool:
+    inner = err.args[0] if isinstance(err, KafkaException) and err.args else err
+    return isinstance(inner, KafkaError) and inner.code() in REJECTED_CODES
+
+
 @dataclass
 class Delivery:
     """One produced message: settled by librdkafka's delivery report (served by poll/flush)."""
@@ -509,7 +526,7 @@ class KafkaSender:
             self.producer.poll(0.1)
             raise PublishError(f"producer queue full: {exc}") from None
         except KafkaException as exc:
-            raise PublishError(self.describe(exc)) from None
+            raise (MessageRejected if is_rejection(exc) else PublishError)(self.describe(exc)) from None
         self.producer.poll(0)
         return delivery
 
@@ -549,9 +566,11 @@ class ResultPublisher:
     def __init__(self, settings: Settings, spool: Spool | None = None, *, wait_s: float = PUBLISH_WAIT_S,
                  overrides: Mapping[str, Any] | None = None) -> None:
         self.topic = settings.kafka_topic_output
+        self.dlq = settings.kafka_topic_dlq
         self.wait_s = wait_s
         self.sender = KafkaSender(settings, "uploader", overrides)
         self.pending: dict[str, Delivery] = {}
+        self.rejected: set[str] = set()  # results refused once: the broker judges whole batches, so try alone again
         self.watcher = ProgressWatcher(spool, self.emit) if settings.kafka_status_events and spool else None
 
     def publish(self, result: dict[str, Any]) -> None:
@@ -569,7 +588,25 @@ class ResultPublisher:
             raise PublishError(f"result not acknowledged by Kafka yet ({self.sender.problem()}); it stays in outbox/")
         del self.pending[task_id]
         if delivery.error is not None:
-            raise PublishError(self.sender.describe(delivery.error))
+            again = task_id not in self.rejected
+            if is_rejection(delivery.error) and again:
+                self.rejected.add(task_id)  # maybe refused for a batch it shared with a larger message
+            error = MessageRejected if is_rejection(delivery.error) and not again else PublishError
+            raise error(self.sender.describe(delivery.error))
+        self.rejected.discard(task_id)
+
+    def dead_letter(self, result: dict[str, Any], reason: str) -> None:
+        """The failed result of a task whose result the output topic refuses, to KAFKA_TOPIC_DLQ (if set)."""
+        if not self.dlq:
+            return
+        value = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("selfix-error", reason.encode("utf-8", "backslashreplace")[:1000]),
+            ("selfix-result-topic", self.topic.encode())]
+        delivery = self.sender.send(self.dlq, str(result["taskId"]), value, headers)
+        if not self.sender.wait(delivery, self.wait_s) or delivery.error is not None:
+            problem = self.sender.describe(delivery.error) if delivery.error else "not acknowledged"
+            raise PublishError(f"DLQ {self.dlq}: {problem}")
 
     def emit(self, kind: str, task_id: str, user_id: str | None, **fields: Any) -> None:
         """A status event, fire-and-forget: losing one is harmless, waiting for one would slow results."""
@@ -634,7 +671,7 @@ class ProgressWatcher:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        obj = json.loads(path.read_bytes())
+        obj = strict_loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None

@@ -58,6 +58,7 @@ from selfix.messages import (
     Limits,
     TaskError,
     check_lora_key,
+    strict_loads,
 )
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -149,13 +150,14 @@ class Meta:
     def loads(raw: bytes) -> Meta:
         obj = json.loads(raw)
         file = str(obj.get("file") or "")
-        if file and (not _RANDOM_NAME_RE.match(file)):
+        if file and (not _RANDOM_NAME_RE.fullmatch(file)):
             raise ValueError(f"meta names an unexpected file {file[:80]!r}")
         return Meta(str(obj["key"]), str(obj["etag"]), int(obj["size"]), float(obj["checkedAt"]), file)
 
 
-_RANDOM_NAME_RE = re.compile(r"^[0-9a-f]{32}\.safetensors$")
-_PART_RE = re.compile(r"^[0-9a-f]{40}\.part$")
+# fullmatch() only: `$` would also match before a final "\n"
+_RANDOM_NAME_RE = re.compile(r"[0-9a-f]{32}\.safetensors")
+_PART_RE = re.compile(r"[0-9a-f]{40}\.part")
 
 
 def random_name() -> str:
@@ -178,8 +180,8 @@ def keys_in_processing(spool: Spool) -> set[str]:
     keys: set[str] = set()
     for path in spool.processing_files():
         try:
-            job = json.loads(path.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError):
+            job = strict_loads(path.read_bytes())
+        except (OSError, ValueError):
             continue  # gone meanwhile, or being quarantined
         if isinstance(job, dict):
             keys.update(k for k in job.get("loraModels") or [] if isinstance(k, str))
@@ -607,7 +609,7 @@ class LoraCache:
             for name in files:
                 path = Path(dirpath) / name
                 rel = path.relative_to(self.root).as_posix()
-                if _PART_RE.match(rel):
+                if _PART_RE.fullmatch(rel):
                     self._drop_stale_part(self.state / "locks" / f"{name[: -len(PART)]}.lock", path)
                     continue
                 if name.endswith(SUFFIX + PART):  # the older layout's <key>.part
@@ -748,8 +750,8 @@ class Prefetcher:
         for entry in self.spool.inbox_entries()[: self.depth]:
             raw = self.spool.read_inbox(entry)
             try:
-                job: Any = json.loads(raw) if raw else None
-            except (ValueError, UnicodeDecodeError):
+                job: Any = strict_loads(raw) if raw else None
+            except ValueError:
                 continue
             if not isinstance(job, dict):
                 continue

@@ -2,6 +2,9 @@
 
 A task that fails validation becomes a failed result with a specific code when its taskId can be read; without a
 readable taskId there is nobody to answer, so the caller quarantines the bytes (corrupt/ or the DLQ).
+
+Tasks and job files are parsed by `strict_loads` only: RFC 8259 JSON in UTF-8. A message that is not strict JSON is
+still answered when its taskId can be read some other way (`peek_ids`: a lenient parse, then a byte scan).
 """
 
 from __future__ import annotations
@@ -9,14 +12,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import posixpath
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from selfix.settings import DEFAULT_NODE_DENYLIST
-from selfix.spool import PRIORITY_MAX, PRIORITY_MIN, valid_task_id
+from selfix.spool import PRIORITY_MAX, PRIORITY_MIN, has_control, valid_task_id
 
 # Error codes a client can act on. retriable says whether sending the same task again could succeed.
 INVALID_MESSAGE = "invalid_message"
@@ -42,11 +47,20 @@ STORAGE_UNAVAILABLE = "storage_unavailable"
 NO_OUTPUT = "no_output"
 OUTPUT_TOO_LARGE = "output_too_large"
 RETRIES_EXHAUSTED = "retries_exhausted"
+OUTPUT_INVALID = "output_invalid"
+OUTPUT_FORBIDDEN = "output_forbidden"
 
 MAX_WORKFLOW_DEPTH = 32  # real graphs nest 3-4 levels; deep nesting only serves to crash recursive code
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".pkl")
-IMAGE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
-DATA_URL_RE = re.compile(r"^data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)$", re.DOTALL)
+# Used with fullmatch() only: `$` also matches before a final "\n".
+IMAGE_NAME_RE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}\.(png|jpg|jpeg|webp)", re.IGNORECASE)
+DATA_URL_RE = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)", re.DOTALL)
+# peek_ids' last resort on bytes no parser accepts: "taskId": "<id>" anywhere, used only when all agree.
+_ID_SCAN = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9._-]{1,128})"')
+            for name in ("taskId", "userId")}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a candidate only: pairs are fine, checked after parsing
+_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xef\xbb\xbf", "UTF-8"),
+         (b"\xfe\xff", "UTF-16"), (b"\xff\xfe", "UTF-16"))  # UTF-32 first: its LE BOM starts like UTF-16's
 
 
 class TaskError(Exception):
@@ -112,26 +126,131 @@ class Task:
         }
 
 
-def peek_ids(raw: bytes) -> tuple[str | None, str | None]:
-    """Best-effort taskId/userId from bytes that may be invalid, to address a failed result."""
+# --- strict JSON ---------------------------------------------------------------------------------------
+
+class StrictJSONError(ValueError):
+    """Not RFC 8259 JSON in UTF-8; the message says what is wrong, never echoing more than a short excerpt."""
+
+
+def strict_loads(raw: bytes | str) -> Any:
+    """Parse RFC 8259 JSON, strictly. Bytes must be UTF-8 without a BOM: no encoding is guessed.
+
+    Refused besides what the json module refuses: NaN/Infinity/-Infinity, numbers that overflow a float (1e400
+    would become inf), integers over CPython's digit limit, lone surrogates (a "\\ud800" escape decodes to one,
+    and no UTF-8 encoder can write it back), and duplicate object keys (RFC 8259 leaves their meaning open;
+    parsers disagree on which one wins, so a task that says two things is refused instead of guessed).
+    """
+    text = _utf8_text(raw) if isinstance(raw, bytes) else raw
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, None
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+    except StrictJSONError:
+        raise
+    except RecursionError:
+        raise StrictJSONError("JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and int()'s "Exceeds the limit (4300 digits)"
+        if "integer string conversion" in str(exc):
+            raise StrictJSONError(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
+        raise StrictJSONError(f"not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):  # only an escape can produce a lone surrogate: valid UTF-8 holds none
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StrictJSONError(f"a string holds a lone surrogate ({exc.object[exc.start:exc.end]!r}): "
+                                  "not a Unicode character") from None
+    return obj
+
+
+def _utf8_text(raw: bytes) -> str:
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            raise StrictJSONError(f"text must be UTF-8 without a byte order mark, this starts with a {name} BOM")
+    if b"\x00" in raw[:4]:  # RFC 4627's detection: JSON text starts with ASCII, so NULs mean UTF-16/32
+        raise StrictJSONError("text must be UTF-8; this looks like UTF-16 or UTF-32")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StrictJSONError(f"text is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not a JSON value (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StrictJSONError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StrictJSONError(f"duplicate key {key[:60]!r} in one object")
+            seen.add(key)
+    return obj
+
+
+# --- tasks ---------------------------------------------------------------------------------------------
+
+_AMBIGUOUS = object()
+
+
+def peek_ids(raw: bytes) -> tuple[str | None, str | None]:
+    """Best-effort taskId/userId from bytes that are not a valid task, to address a failed result.
+
+    Lenient on purpose (this only picks whom to answer; the task itself was refused by strict_loads): Python's own
+    parser (NaN allowed, UTF-16/32 detected), then with undecodable bytes replaced, then a byte scan that counts
+    only when every "taskId" in the bytes names the same id. A key given twice with different values is unreadable.
+    """
+    obj: Any = None
+    for attempt in (raw, raw.decode("utf-8", "replace")):
+        try:
+            obj = json.loads(attempt, object_pairs_hook=_ids_pairs)
+            break
+        except (ValueError, RecursionError):
+            continue
+    else:
+        return _scan_id(raw, "taskId"), _scan_id(raw, "userId")
     if not isinstance(obj, dict):
         return None, None
-    task_id = obj.get("taskId") if valid_task_id(obj.get("taskId")) else None
-    user_id = obj.get("userId") if valid_task_id(obj.get("userId")) else None
-    return task_id, user_id
+    task_id, user_id = obj.get("taskId"), obj.get("userId")
+    return (task_id if valid_task_id(task_id) else None), (user_id if valid_task_id(user_id) else None)
+
+
+def _ids_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj and obj[key] != value:
+            value = _AMBIGUOUS
+        if obj.get(key) is not _AMBIGUOUS:
+            obj[key] = value
+    return obj
+
+
+def _scan_id(raw: bytes, name: str) -> str | None:
+    found = {m.decode() for m in _ID_SCAN[name].findall(raw)}
+    value = found.pop() if len(found) == 1 else None
+    return value if valid_task_id(value) else None
 
 
 def parse_task(raw: bytes, limits: Limits, templates: Any) -> Task:
     """Validate one input message. `templates` is a selfix.templates.Catalog (render(name, params, loras))."""
-    task_id, user_id = peek_ids(raw)
     if len(raw) > limits.max_message_bytes:
         raise InvalidTask(MESSAGE_TOO_LARGE, f"message is {len(raw)} bytes; the limit is {limits.max_message_bytes}",
-                          task_id, user_id)
-    obj = _decode_object(raw, task_id, user_id)
+                          *peek_ids(raw))
+    try:
+        obj = strict_loads(raw)
+    except StrictJSONError as exc:
+        raise InvalidTask(INVALID_MESSAGE, f"message is not strict JSON (RFC 8259, UTF-8): {exc}",
+                          *peek_ids(raw)) from None
+    if not isinstance(obj, dict):
+        raise InvalidTask(INVALID_MESSAGE, f"message must be a JSON object, got {type(obj).__name__}")
+    task_id = obj["taskId"] if valid_task_id(obj.get("taskId")) else None
+    user_id = obj["userId"] if valid_task_id(obj.get("userId")) else None
     if task_id is None:
         raise InvalidTask(INVALID_MESSAGE, _id_problem("taskId", obj.get("taskId")))
     if user_id is None:
@@ -142,20 +261,6 @@ def parse_task(raw: bytes, limits: Limits, templates: Any) -> Task:
         raise
     except TaskError as exc:
         raise InvalidTask(exc.code, exc.message, task_id, user_id) from exc
-
-
-def _decode_object(raw: bytes, task_id: str | None, user_id: str | None) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError:
-        raise InvalidTask(INVALID_MESSAGE, "message is not UTF-8 text") from None
-    except RecursionError:
-        raise InvalidTask(INVALID_MESSAGE, "message JSON is nested too deeply") from None
-    except ValueError as exc:
-        raise InvalidTask(INVALID_MESSAGE, f"message is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidTask(INVALID_MESSAGE, f"message must be a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _id_problem(name: str, value: object) -> str:
@@ -245,7 +350,7 @@ def parse_lora_models(value: Any, user_id: str, limits: Limits) -> list[str]:
 def check_user_key(key: str, user_id: str, limits: Limits, code: str, what: str) -> None:
     """An object key a user may name: normalised, relative, under that user's prefix."""
     prefix = limits.prefix(user_id)
-    bad = (not key or key.startswith("/") or "\\" in key or "\x00" in key
+    bad = (not key or key.startswith("/") or "\\" in key or has_control(key)
            or posixpath.normpath(key) != key or ".." in key.split("/"))
     if bad:
         raise TaskError(code, f"{what} key {key[:200]!r} is not a plain relative object key")
@@ -269,7 +374,7 @@ def parse_images(value: Any, user_id: str, limits: Limits) -> dict[str, str]:
     if not isinstance(value, dict):
         raise TaskError(INVALID_MESSAGE, "images must be an object of file name -> object key or data: URL")
     for name, ref in value.items():
-        if not IMAGE_NAME_RE.match(name):
+        if not isinstance(name, str) or not IMAGE_NAME_RE.fullmatch(name):
             raise TaskError(INPUT_FORBIDDEN, f"image name {name[:80]!r} must be a plain .png/.jpg/.webp file name")
         if not isinstance(ref, str):
             raise TaskError(INVALID_MESSAGE, f"images[{name!r}] must be a string")
@@ -281,7 +386,7 @@ def parse_images(value: Any, user_id: str, limits: Limits) -> dict[str, str]:
 
 
 def decode_data_url(ref: str, max_bytes: int, name: str) -> bytes:
-    match = DATA_URL_RE.match(ref)
+    match = DATA_URL_RE.fullmatch(ref)
     if not match:
         raise TaskError(INPUT_FORBIDDEN, f"images[{name!r}]: only data:image/(png|jpeg|webp);base64 URLs are accepted")
     payload = match["payload"]
@@ -361,7 +466,7 @@ def check_loras_used(workflow: dict[str, Any], loras: list[str]) -> None:
                                            f"lora_name to the key or to {posixpath.basename(key)!r}")
 
 
-_NOT_IN_LIST_RE = re.compile(r"^(?P<input>[^:]*): (?P<value>.*) not in .*$", re.DOTALL)
+_NOT_IN_LIST_RE = re.compile(r"(?P<input>[^:]*): (?P<value>.*) not in .*", re.DOTALL)  # fullmatch() only
 
 
 def redact_node_errors(node_errors: Any) -> Any:
@@ -379,7 +484,7 @@ def redact_node_errors(node_errors: Any) -> Any:
         for err in entry["errors"]:
             if isinstance(err, dict) and err.get("type") == "value_not_in_list":
                 err = dict(err)
-                match = _NOT_IN_LIST_RE.match(str(err.get("details", "")))
+                match = _NOT_IN_LIST_RE.fullmatch(str(err.get("details", "")))
                 if match:
                     err["details"] = f"{match['input']}: {match['value']} not in the list of choices"
                 if isinstance(err.get("extra_info"), dict):

@@ -54,6 +54,8 @@ CATALOGUE: tuple[MetricDoc, ...] = (
     M("selfix_spool_jobs", "gauge", ("state",), "Entries per spool state (inbox, processing, outbox, done, corrupt, "
                                                 "tmp)."),
     M("selfix_spool_oldest_inbox_age_seconds", "gauge", (), "Age of the oldest job waiting in inbox/ (0: empty)."),
+    M("selfix_unresolved_tasks", "gauge", (),
+      "Tasks accepted longer ago than UNRESOLVED_AFTER_S and still without a published result (alert on > 0)."),
     M("selfix_lora_cache_hits_total", "counter", (), "LoRA uses served from the local cache."),
     M("selfix_lora_cache_misses_total", "counter", (), "LoRA downloads into the cache (prefetches included)."),
     M("selfix_lora_download_bytes_total", "counter", (), "Bytes of LoRA files downloaded into the cache."),
@@ -106,6 +108,7 @@ class NodeView:
     heartbeat_age: Mapping[str, float | None] = field(default_factory=dict)
     spool_counts: Mapping[str, int] = field(default_factory=dict)
     oldest_inbox_age: float = 0.0
+    unresolved: int = 0
     lora_cache_bytes: int = 0
     disk_free: Mapping[str, int] = field(default_factory=dict)
     ready: bool = False
@@ -163,6 +166,7 @@ class SelfixCollector(Collector):
             spool.add_metric([state], n)
         yield spool
         yield _gauge(fam("selfix_spool_oldest_inbox_age_seconds"), v.oldest_inbox_age)
+        yield _gauge(fam("selfix_unresolved_tasks"), v.unresolved)
 
         for name, counter in (("selfix_lora_cache_hits_total", "lora_cache_hits"),
                               ("selfix_lora_cache_misses_total", "lora_cache_misses"),

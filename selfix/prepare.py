@@ -55,7 +55,7 @@ def place_images(job: dict[str, Any], store: ObjectStore, comfy_input_dir: Path,
         raise TaskError(INVALID_MESSAGE, "images must be an object of file name -> object key or data: URL")
     limits = limits or Limits(max_data_url_bytes=max_data_url_bytes)
     for name, ref in images.items():  # every check before the first byte is written or fetched
-        if not isinstance(name, str) or not IMAGE_NAME_RE.match(name):
+        if not isinstance(name, str) or not IMAGE_NAME_RE.fullmatch(name):
             raise TaskError(INPUT_FORBIDDEN, f"image name {str(name)[:80]!r} must be a plain .png/.jpg/.webp name")
         if not isinstance(ref, str):
             raise TaskError(INVALID_MESSAGE, f"images[{name!r}] must be a string")

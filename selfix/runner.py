@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import socket
 import time
@@ -181,7 +180,7 @@ class Runner:
 
     def load_job(self, path: Path) -> dict[str, Any] | None:
         try:
-            job = json.loads(path.read_bytes())
+            job = m.strict_loads(path.read_bytes())
             if not isinstance(job, dict) or not valid_task_id(job.get("taskId")) or "workflow" not in job:
                 raise ValueError("not a selfix job object")
             return job

@@ -230,6 +230,12 @@ SPECS: tuple[Spec, ...] = (
       "After this long without a WebSocket frame the runner polls /history and /queue.", group="jobs"),
     S("DONE_RETENTION_H", "done_retention_h", "168", _positive_float,
       "done/ entries (the de-duplication ledger) older than this are pruned.", group="jobs"),
+    S("RESULT_RETRY_S", "result_retry_s", "900", _positive_float,
+      "How long the uploader retries storing a result's images; then it publishes a failed result instead "
+      "(`storage_unavailable`, ...).", group="jobs"),
+    S("UNRESOLVED_AFTER_S", "unresolved_after_s", "3600", _positive_float,
+      "A task accepted longer ago than this without a published result counts in selfix_unresolved_tasks.",
+      group="jobs"),
     S("TEMPLATES_DIR", "templates_dir", "", _optional_path,
       "Extra workflow templates (<name>.json) besides the built-in ones.", group="jobs"),
     S("MAX_MESSAGE_BYTES", "max_message_bytes", "1048576", _positive_int,
@@ -344,6 +350,8 @@ class Settings:
     queue_ahead: int
     ws_silence_s: float
     done_retention_h: float
+    result_retry_s: float
+    unresolved_after_s: float
     templates_dir: Path | None
     max_message_bytes: int
     max_workflow_nodes: int

@@ -23,18 +23,26 @@ from typing import Any
 from selfix.files import fsync_dir
 
 STATES = ("tmp", "inbox", "processing", "outbox", "done", "corrupt")
-TASK_ID_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
+# Every pattern here is used with fullmatch(): `$` would also match before a final "\n" ("x\n" passing as an id).
+TASK_ID_RE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 PRIORITY_MIN, PRIORITY_MAX = -999_999, 999_999
 _PRIO_OFFSET = 1_000_000  # name key = offset - priority: ascending names = descending priority
 INBOX_RE = re.compile(
-    r"^(?P<key>\d{7})\.(?P<enq>\d{13})\.(?P<nb>\d{13})\.(?P<attempt>\d{2})\.(?P<task>(?!\.)[A-Za-z0-9._-]{1,128})\.json$"
+    r"(?P<key>\d{7})\.(?P<enq>\d{13})\.(?P<nb>\d{13})\.(?P<attempt>\d{2})\.(?P<task>(?!\.)[A-Za-z0-9._-]{1,128})\.json"
 )
+# Characters no id, user id, file name or object key may hold: C0/C1 controls and DEL, Unicode line and paragraph
+# separators, invisible format characters (zero-width, bidi overrides, BOM) and surrogates.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ud800-\udfff]")
 RESULT_FILE = "result.json"
 _NAME_PREFIX_LEN = len("0000000.0000000000000.0000000000000.00.")  # the fixed-width part before the taskId
 
 
 def valid_task_id(value: object) -> bool:
-    return isinstance(value, str) and TASK_ID_RE.match(value) is not None
+    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None
+
+
+def has_control(text: str) -> bool:
+    return CONTROL_RE.search(text) is not None
 
 
 def now_ms() -> int:
@@ -54,7 +62,7 @@ class InboxEntry:
 
     @staticmethod
     def parse(name: str) -> InboxEntry | None:
-        m = INBOX_RE.match(name)
+        m = INBOX_RE.fullmatch(name)
         if not m:
             return None
         return InboxEntry(
@@ -83,7 +91,9 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # A lone surrogate (from a message ComfyUI echoed, say) cannot be UTF-8: written as its JSON escape instead of
+    # crashing the writer. It only occurs inside strings, where "\\udXXX" is exactly what JSON reads back.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 class Spool:
@@ -240,6 +250,13 @@ class Spool:
         names = [n for n in self._names(self.outbox) if valid_task_id(n)]
         return sorted(names, key=lambda n: self._mtime(self.outbox / n))
 
+    def result_written_at(self, task_id: str) -> float | None:
+        """When outbox/<taskId>/result.json was written (its mtime), None when it is gone."""
+        try:
+            return (self.outbox_dir(task_id) / RESULT_FILE).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def read_result(self, task_id: str) -> dict[str, Any]:
         return dict(json.loads((self.outbox_dir(task_id) / RESULT_FILE).read_bytes()))
 
@@ -293,9 +310,37 @@ class Spool:
             return "processing"
         # Called for every incoming message: compare the fixed-width name's tail instead of parsing and sorting.
         wanted = f"{task_id}.json"
-        if any(n[_NAME_PREFIX_LEN:] == wanted and INBOX_RE.match(n) for n in self._names(self.inbox)):
+        if any(n[_NAME_PREFIX_LEN:] == wanted and INBOX_RE.fullmatch(n) for n in self._names(self.inbox)):
             return "inbox"
         return None
+
+    def accepted_at(self) -> dict[str, float]:
+        """taskId → when it was accepted, for every task without a published result (inbox/, processing/, outbox/).
+
+        From the inbox name, the job's enqueuedAt, or the result's write time less its totalTime; a file that cannot
+        be read counts from its mtime, so an unreadable task still shows up as old rather than not at all."""
+        out: dict[str, float] = {e.task_id: e.enqueued_ms / 1000 for e in self.inbox_entries()}
+        for path in self.foreign_inbox_files():
+            out[path.name] = self._mtime(path)
+        for path in self.processing_files():
+            job = _read_object(path)
+            stamp = job.get("enqueuedAt")
+            out[path.stem] = float(stamp) if isinstance(stamp, int | float) else self._mtime(path)
+        for task_id in self.outbox_tasks():
+            written = self.result_written_at(task_id)
+            if written is None:
+                continue
+            took = _read_object(self.outbox_dir(task_id) / RESULT_FILE).get("metadata", {})
+            total = took.get("totalTime") if isinstance(took, dict) else None
+            out[task_id] = written - (float(total) if isinstance(total, int | float) else 0.0)
+        return out
+
+    def unresolved(self, older_than_s: float, now: float | None = None) -> list[tuple[str, float]]:
+        """(taskId, age in seconds) of the tasks accepted more than `older_than_s` ago and not published, oldest
+        first: a task the node should have answered by now (a stuck stage, a result that cannot go out)."""
+        stamp = time.time() if now is None else now
+        aged = ((t, stamp - at) for t, at in self.accepted_at().items())
+        return sorted(((t, age) for t, age in aged if age > older_than_s), key=lambda item: -item[1])
 
     def known_task_ids(self) -> dict[str, str]:
         """taskId → state for every task on this node (one listdir per state)."""
@@ -418,6 +463,14 @@ class Spool:
             return path.stat().st_mtime
         except FileNotFoundError:
             return 0.0
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _safe_name(hint: str) -> str:

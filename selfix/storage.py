@@ -37,13 +37,13 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from selfix.backoff import compute_backoff
 from selfix.files import fsync_dir as _fsync_dir
 from selfix.settings import Settings
+from selfix.spool import has_control
 
 T = TypeVar("T")
 
 MAX_KEY_BYTES = 1024  # S3's limit on an object key
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -150,7 +150,7 @@ def validate_key(key: str) -> str:
     shown = key[:200]
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise InvalidKey(f"object key longer than {MAX_KEY_BYTES} bytes: {shown!r}", key=shown)
-    if key.startswith("/") or "\\" in key or _CONTROL.search(key):
+    if key.startswith("/") or "\\" in key or has_control(key):
         raise InvalidKey(f"object key must be relative, without backslashes or control characters: {shown!r}",
                          key=shown)
     if any(part in ("", ".", "..") for part in key.split("/")):

@@ -7,17 +7,16 @@ number); inside a longer string it is substituted as text. `{{lora}}` defaults t
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from selfix.messages import INVALID_PARAMS, UNKNOWN_TEMPLATE, TaskError
+from selfix.messages import INVALID_PARAMS, UNKNOWN_TEMPLATE, TaskError, strict_loads
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
-WHOLE_RE = re.compile(r"^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+WHOLE_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")  # WHOLE_RE and NAME_RE: fullmatch() only
 PART_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Catalog:
@@ -40,7 +39,7 @@ class Catalog:
         return sorted(self.templates)
 
     def render(self, name: str, params: dict[str, Any], loras: list[str]) -> dict[str, Any]:
-        if not NAME_RE.match(name) or name not in self.templates:
+        if not NAME_RE.fullmatch(name) or name not in self.templates:
             raise TaskError(UNKNOWN_TEMPLATE, f"unknown template {name[:64]!r}; known: {', '.join(self.names())}")
         tpl = self.templates[name]
         declared: dict[str, Any] = tpl.get("params", {})
@@ -62,7 +61,7 @@ class Catalog:
 
 def _load_one(path: Path) -> dict[str, Any]:
     """Parse and check a template once at start-up, so a broken one stops the process instead of every task."""
-    data = json.loads(path.read_text())
+    data = strict_loads(path.read_bytes())  # the same strict JSON as a task: a NaN would reach ComfyUI
     if not isinstance(data, dict) or not isinstance(data.get("workflow"), dict):
         raise ValueError(f"template {path} must be an object with a 'workflow' graph")
     declared = data.setdefault("params", {})
@@ -102,7 +101,7 @@ def fill(node: Any, values: dict[str, Any]) -> Any:
     if isinstance(node, list):
         return [fill(v, values) for v in node]
     if isinstance(node, str):
-        whole = WHOLE_RE.match(node)
+        whole = WHOLE_RE.fullmatch(node)
         if whole:
             return values[whole[1]]
         return PART_RE.sub(lambda m: str(values[m[1]]), node)

@@ -3,6 +3,12 @@
 Order matters for the delivery guarantee: images first (a result never names a missing object), then the result is
 published (Kafka delivery confirmed, when Kafka is configured), then done/ is written. A crash anywhere repeats the
 steps that were not recorded yet; output keys are deterministic, so a repeat overwrites instead of duplicating.
+
+No result waits for ever: every error is classified (`classify`). Kafka being down or slow is waited out (results
+stay in outbox/; nothing else could be published either). Store errors are retried with backoff for RESULT_RETRY_S
+after the result was written. A result that can never be delivered as it is (an invalid key, an image missing, a
+message the broker refuses) is replaced by a failed result with a specific code; if even that is refused, the
+result goes to corrupt/ (and to KAFKA_TOPIC_DLQ), and done/ records the failed result so the offset is committed.
 """
 
 from __future__ import annotations
@@ -11,18 +17,26 @@ import mimetypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from loguru import logger
 
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
-from selfix.messages import staged_name
+from selfix.messages import OUTPUT_FORBIDDEN, OUTPUT_INVALID, STORAGE_UNAVAILABLE, TaskError, failed_result, staged_name
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
-from selfix.storage import DEFAULT_PART_SIZE, ObjectStore, StorageError, open_store
+from selfix.storage import (
+    DEFAULT_PART_SIZE,
+    InvalidKey,
+    ObjectForbidden,
+    ObjectStore,
+    ObjectTooLarge,
+    StorageError,
+    open_store,
+)
 
 IDLE_POLL_S = 0.05
 DRAIN_S = 30.0  # on SIGTERM, how long the uploader keeps publishing outbox/ (below its stopwaitsecs)
@@ -34,7 +48,12 @@ class Publisher(Protocol):
     """Where results go besides done/: Kafka's output topic, or nowhere in offline mode."""
 
     def publish(self, result: dict[str, Any]) -> None:
-        """Return only once the result is durably delivered; raise to retry later."""
+        """Return only once the result is durably delivered; raise to retry later. An exception with
+        `permanent = True` stops the uploader (the node cannot publish at all); one with `rejected = True` says that
+        this result can never be published as it is."""
+
+    def dead_letter(self, result: dict[str, Any], reason: str) -> None:
+        """Keep a result that cannot be published where an operator finds it (Kafka: KAFKA_TOPIC_DLQ); may raise."""
 
     def idle(self) -> None:
         """Called on every turn of the uploader's loop (Kafka: delivery reports, optional status events)."""
@@ -46,11 +65,52 @@ class NoPublisher:
     def publish(self, result: dict[str, Any]) -> None:
         return None
 
+    def dead_letter(self, result: dict[str, Any], reason: str) -> None:
+        return None
+
     def idle(self) -> None:
         return None
 
     def close(self) -> None:
         return None
+
+
+Verdict = Literal["refused", "rejected", "wait", "bounded"]
+
+
+def classify(stage: Literal["store", "publish"], exc: BaseException) -> Verdict:
+    """What an error while delivering one result means.
+
+    refused: the node cannot publish anything (credentials): stop loudly, results wait in outbox/.
+    rejected: this result can never be delivered as it is: publish a failed result instead.
+    wait: Kafka is down or slow: retry with backoff, without bound (a failed result could not go out either).
+    bounded: the store failed: retry with backoff until RESULT_RETRY_S, then publish a failed result.
+    """
+    if getattr(exc, "permanent", False):
+        return "refused"
+    if getattr(exc, "rejected", False) or isinstance(exc, InvalidKey | ObjectTooLarge | FileNotFoundError):
+        return "rejected"
+    if isinstance(exc, StorageError | OSError):
+        return "bounded"
+    if stage == "publish" and not isinstance(exc, ValueError | TypeError | KeyError):
+        return "wait"
+    return "rejected"  # a result selfix cannot handle (unserializable, malformed): the same bytes fail again
+
+
+def replacement(task_id: str, result: dict[str, Any], exc: BaseException, verdict: Verdict) -> dict[str, Any]:
+    """The failed result published instead of one that cannot be delivered."""
+    if verdict == "bounded" and isinstance(exc, StorageError) and exc.retriable:
+        error = TaskError(STORAGE_UNAVAILABLE, f"the images could not be stored: {exc}", retriable=True)
+    elif verdict == "bounded" and isinstance(exc, ObjectForbidden):
+        error = TaskError(OUTPUT_FORBIDDEN, f"the store refused the images: {exc}")
+    else:
+        error = TaskError(OUTPUT_INVALID, f"the result could not be delivered as it is: {type(exc).__name__}: {exc}")
+    # The cause may itself be the poison (a lone surrogate in a message): the replacement must be plain UTF-8.
+    error.message = error.message[:1000].encode("utf-8", "backslashreplace").decode()
+    metadata = result.get("metadata")
+    user_id = result.get("userId")
+    return failed_result(task_id, user_id if isinstance(user_id, str) else None, error,
+                         dict(metadata) if isinstance(metadata, dict) else {})
 
 
 class Uploader:
@@ -115,22 +175,73 @@ class Uploader:
         if self.spool.read_done(task_id) is not None:
             self.spool.discard_outbox(task_id)  # published before a crash; done/ is the ledger
             return
-        try:
-            self.upload_images(task_id, result)
-            self.publisher.publish(result)
-        except Exception as exc:  # noqa: BLE001 - any failure here is retried; the result stays in outbox/
-            if getattr(exc, "permanent", False):
-                self.refused = str(exc)  # e.g. wrong KAFKA_SASL_*: stop loudly instead of retrying forever
-                return
-            self.postpone(task_id, exc)
+        sent = self.send(task_id, result)
+        if sent is None:
             return
         crashpoint(self.settings, self.spool, "uploader.before_done")
+        result = sent
         self.spool.finish(result)
         remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
         self.failures.pop(task_id, None)
         self.not_before.pop(task_id, None)
         log.info("published: {} ({} image(s), {} output(s))", result.get("status"), len(result.get("imagePaths") or []),
                  len(result.get("outputs") or []))
+
+    def send(self, task_id: str, result: dict[str, Any]) -> dict[str, Any] | None:
+        """Store the images and publish the result; returns what was published (the result, or the failed result
+        that replaced it), or None when it must wait (postponed, or the uploader is stopping)."""
+        stage: Literal["store", "publish"] = "store"
+        try:
+            self.upload_images(task_id, result)
+            stage = "publish"
+            self.publisher.publish(result)
+            return result
+        except Exception as exc:  # noqa: BLE001 - classified: retried, bounded or replaced, never ignored
+            verdict = self.verdict(task_id, stage, exc)
+            if verdict is None:
+                return None
+            cause: Exception = exc
+        failed = replacement(task_id, result, cause, verdict)
+        logger.bind(task_id=task_id).error("result cannot be delivered ({}), publishing a failed {} result instead: "
+                                           "{}", verdict, failed["error"]["code"], cause)
+        try:
+            self.publisher.publish(failed)
+            return failed
+        except Exception as again:  # noqa: BLE001 - the failed result itself is refused: dead-letter it
+            if self.verdict(task_id, "publish", again, bounded=False) is None:
+                return None
+            self.dead_letter(task_id, failed, f"result unpublishable: {cause}; failed result too: {again}")
+            return failed
+
+    def verdict(self, task_id: str, stage: Literal["store", "publish"], exc: Exception,
+                bounded: bool = True) -> Verdict | None:
+        """None when the result must wait (postponed, or the node cannot publish at all), else why to replace it."""
+        verdict = classify(stage, exc)
+        if isinstance(exc, FileNotFoundError) and not self.spool.outbox_dir(task_id).exists():
+            return None  # finished meanwhile (by an uploader before a restart): nothing left to deliver
+        if verdict == "refused":
+            self.refused = str(exc)  # e.g. wrong KAFKA_SASL_*: stop loudly instead of retrying forever
+            return None
+        if verdict == "wait" or (verdict == "bounded" and not (bounded and self.overdue(task_id))):
+            self.postpone(task_id, exc)
+            return None
+        return verdict
+
+    def overdue(self, task_id: str) -> bool:
+        written = self.spool.result_written_at(task_id)
+        return written is not None and time.time() - written > self.settings.result_retry_s
+
+    def dead_letter(self, task_id: str, failed: dict[str, Any], reason: str) -> None:
+        """corrupt/ keeps the outbox entry, the DLQ gets the failed result; done/ (written by the caller) records
+        the task as settled, so its offset is committed and the consumer does not read it again."""
+        log = logger.bind(task_id=task_id)
+        reason = reason.encode("utf-8", "backslashreplace").decode()  # the cause may hold the poison itself
+        try:
+            self.publisher.dead_letter(failed, reason)
+        except Exception as exc:  # noqa: BLE001 - the DLQ is best effort here: corrupt/ keeps the bytes
+            log.error("dead letter not delivered: {}", exc)
+        self.spool.quarantine(self.spool.outbox_dir(task_id), reason[:2000])
+        log.error("result moved to corrupt/ and settled unpublished: {}", reason)
 
     def upload_images(self, task_id: str, result: dict[str, Any]) -> None:
         """Every object of the result (stills, videos, audio, ...), each streamed from its file; any failure raises
@@ -144,7 +255,10 @@ class Uploader:
 
         def path_of(key: str) -> Path:
             path = folder / staged_name(key)
-            return path if path.exists() else folder / Path(key).name  # a result staged before outputs/ existed
+            try:
+                return path if path.exists() else folder / Path(key).name  # a result staged before outputs/ existed
+            except OSError:  # a name too long for the filesystem: the key is refused by the store instead
+                return folder / Path(key).name
 
         def put(item: tuple[str, str]) -> None:
             key, content_type = item

@@ -228,6 +228,7 @@ class Watchdog:
             gpus=gpus, nvml_up=self.nvml_ok, programs=programs,
             heartbeat_age={p: (None if t is None else max(0.0, now - t)) for p, t in beats.items()},
             spool_counts=counts, oldest_inbox_age=self.oldest_inbox_age(now),
+            unresolved=len(self.spool.unresolved(self.settings.unresolved_after_s, now)),
             lora_cache_bytes=tree_bytes(self.settings.lora_cache_dir), disk_free=self.disk_free(),
             jobs=self.jobs, comfy_restarts=self.comfy_restarts, frees=self.frees,
             process_restarts=self.process_restarts, counters=read_all(self.spool),

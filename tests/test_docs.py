@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from selfix.cli import settings_table
+from selfix.metrics import metrics_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -20,3 +21,11 @@ def test_readme_settings_table_matches_code() -> None:
 def test_readme_names_the_two_commands() -> None:
     text = README.read_text()
     assert "./scripts/run" in text and "./scripts/test" in text
+
+
+def test_readme_metrics_table_matches_code() -> None:
+    text = README.read_text()
+    match = re.search(r"<!-- metrics:begin -->\n(.*?)\n<!-- metrics:end -->", text, re.S)
+    assert match, "README lacks the metrics markers"
+    assert match[1] == metrics_table(), "README metrics table is stale: regenerate it from selfix.metrics.metrics_table"
+    assert "selfix_unresolved_tasks" in match[1]
