@@ -34,8 +34,9 @@ from loguru import logger
 
 from selfix import kafka as k
 from selfix.backoff import compute_backoff
+from selfix.files import DiskFull, disk_full_error
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
-from selfix.messages import peek_ids, strict_loads
+from selfix.messages import Limits, peek_ids, strict_loads
 from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -52,11 +53,35 @@ DLQ_RETRY_S = (1.0, 60.0)
 
 def run_offline(settings: Settings, spool: Spool, catalog: Catalog, flags: StopFlags) -> int:
     limits = limits_of(settings)
+    disk = DiskFull("consumer")
     while not flags.stopping.is_set():
         spool.beat("consumer")
-        ingest_dropped_files(spool, limits, catalog)
-        flags.wait(POLL_S)
+        delay = POLL_S
+        if adopt_dropped(spool, limits, catalog, disk) is False:
+            delay = max(POLL_S, disk.retry_at - time.monotonic())
+        flags.wait(delay)
     return EXIT_ABORTED if flags.abort.is_set() else EXIT_OK
+
+
+def adopt_dropped(spool: Spool, limits: Limits, catalog: Catalog, disk: DiskFull) -> bool | None:
+    """Hand-dropped inbox/ files, unless the disk is full: then they stay where they are, untouched, until a probe
+    finds room again. False: the disk is full (backing off); None: waiting out the backoff; True: adopted."""
+    if disk.active:
+        if not disk.due():
+            return None
+        if not spool.writable():
+            disk.hit(None, spool.root)
+            return False
+        disk.clear()
+    try:
+        ingest_dropped_files(spool, limits, catalog)
+    except OSError as exc:
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        disk.hit(full, spool.root)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- Kafka
@@ -81,6 +106,8 @@ class KafkaIntake:
         self.last_audit = time.monotonic()
         self.paused = False
         self.held = 0
+        self.disk = DiskFull("consumer")
+        self.held_back: dict[k.TP, int] = {}  # per partition, the first offset to read again once space returns
         self.fatal: KafkaError | None = None
         self.errors: list[KafkaError] = []
         self.throttle = k.Throttle()
@@ -131,9 +158,9 @@ class KafkaIntake:
             self.sender.poll(0)
         self.settle()
         self.retry_dlq()
-        if now - self.last_adopt >= ADOPT_EVERY_S:
+        if now - self.last_adopt >= ADOPT_EVERY_S or (self.disk.active and self.disk.due()):
             self.last_adopt = now
-            ingest_dropped_files(self.spool, self.limits, self.catalog)
+            adopt_dropped(self.spool, self.limits, self.catalog, self.disk)  # also probes a full disk
         self.flow_control(recount=True)
         if now - self.last_commit >= COMMIT_EVERY_S:
             self.commit(asynchronous=True)
@@ -148,14 +175,23 @@ class KafkaIntake:
             return
         tp: k.TP = (str(msg.topic()), int(msg.partition() or 0))
         offset = int(msg.offset() or 0)
+        if self.disk.active:  # fetched before the pause took effect: read again once space returns
+            if offset >= self.tracker.next_offsets().get(tp, 0):
+                self.hold_back(tp, offset)
+            return
         if not self.tracker.received(tp, offset):
             return  # re-delivery of an offset this session already handled
         raw = msg.value() or b""
         source = {"topic": tp[0], "partition": tp[1], "offset": offset}
         try:
             outcome = accept(self.spool, raw, self.limits, self.catalog, source)
-        except OSError:
-            raise  # the spool's disk: crash, restart, read the message again (its offset is not committed)
+        except OSError as exc:
+            full = disk_full_error(exc)
+            if full is None:
+                raise  # the spool's disk failing: crash, restart, read the message again (offset not committed)
+            self.disk.hit(full, self.spool.root)
+            self.hold_back(tp, offset)
+            return
         except Exception as exc:  # noqa: BLE001 - a message selfix cannot digest must not block its partition
             logger.opt(exception=True).error("{}[{}]@{}: intake failed on this message", tp[0], tp[1], offset)
             outcome = Outcome("unaddressable", None, f"selfix could not process it: {exc!r}"[:300])
@@ -340,10 +376,17 @@ class KafkaIntake:
         processing/ and outbox/. One listdir each, no parsing: this runs ten times a second."""
         return sum(_count(d) for d in (self.spool.inbox, self.spool.processing, self.spool.outbox))
 
+    def hold_back(self, tp: k.TP, offset: int) -> None:
+        """The spool's disk is full: this message was not taken. Forget it and everything after it on its
+        partition (nothing of it was written), pause intake, and read from it again once space returns."""
+        self.tracker.rewind(tp, offset)
+        self.held_back[tp] = min(self.held_back.get(tp, offset), offset)
+        self.flow_control(recount=False)
+
     def flow_control(self, recount: bool) -> None:
         if recount:
             self.held = self.unfinished()
-        want_paused = self.held >= self.settings.kafka_max_inflight
+        want_paused = self.held >= self.settings.kafka_max_inflight or self.disk.active
         if want_paused == self.paused:
             return
         parts = self.consumer.assignment()
@@ -356,8 +399,9 @@ class KafkaIntake:
             logger.debug("pause/resume postponed: {}", exc)
             return
         self.paused = want_paused
-        logger.info("{} {} partition(s): {} unfinished task(s) on this node (KAFKA_MAX_INFLIGHT={})",
-                    "paused" if want_paused else "resumed", len(parts), self.held, self.settings.kafka_max_inflight)
+        logger.info("{} {} partition(s): {} unfinished task(s) on this node (KAFKA_MAX_INFLIGHT={}){}",
+                    "paused" if want_paused else "resumed", len(parts), self.held, self.settings.kafka_max_inflight,
+                    ", spool disk full" if self.disk.active else "")
 
     def resume(self, parts: list[TopicPartition]) -> None:
         """Resume, then seek each partition to the offset after the last one received. Pausing dropped what
@@ -365,9 +409,10 @@ class KafkaIntake:
         again; the seek (to exactly the next offset not yet delivered, so nothing is skipped) starts it at once."""
         self.consumer.resume(parts)
         assigned = {(p.topic, p.partition) for p in parts}
-        for tp, offset in self.tracker.next_offsets().items():
+        for tp, offset in {**self.tracker.next_offsets(), **self.held_back}.items():
             if tp in assigned:
                 self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        self.held_back = {}
 
     # --- rebalancing ---------------------------------------------------------------------------------------
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -410,6 +455,7 @@ class KafkaIntake:
 
     def forget(self, tp: k.TP) -> None:
         self.tracker.forget(tp)
+        self.held_back.pop(tp, None)
         self.waiting.pop(tp, None)
         self.missing = {key for key in self.missing if key[0] != tp}
         for key in [key for key in self.dlq if key[0] == tp]:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
+from selfix.files import is_disk_full
 from selfix.messages import INVALID_MESSAGE, InvalidTask, Limits, Task, failed_result, parse_task, peek_ids
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -79,6 +80,8 @@ def _quarantine(spool: Spool, path: Path, reason: str) -> None:
         spool.quarantine(path, reason)
         logger.warning("{} moved to corrupt/: {}", path.name, reason)
     except OSError as exc:
+        if is_disk_full(exc):
+            raise  # the disk is full: the file stays where it is, the caller backs off
         logger.error("{} could not be moved to corrupt/ ({}): {}", path.name, exc, reason)
 
 

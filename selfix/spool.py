@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfix.files import fsync_dir
+from selfix.files import fsync_dir, write_synced
 
 STATES = ("tmp", "inbox", "processing", "outbox", "done", "corrupt")
 # Every pattern here is used with fullmatch(): `$` would also match before a final "\n" ("x\n" passing as an id).
@@ -84,10 +84,7 @@ class InboxEntry:
 
 
 def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_synced(path, data)  # removes its own file when the write fails (a full disk)
 
 
 def dumps(obj: Any) -> bytes:
@@ -119,7 +116,11 @@ class Spool:
         """tmp → fsync → rename → fsync dir: a reader sees the old file or the new one, never half of one."""
         tmp = self._tmp_path(target.name)
         _write_synced(tmp, data)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind in tmp/
+            raise
         fsync_dir(target.parent)
 
     def _move(self, src: Path, dst: Path) -> bool:
@@ -224,22 +225,26 @@ class Spool:
         False when outbox/<taskId> already exists (a result from before a crash): the first result wins.
         """
         task_id = result["taskId"]
-        _write_synced(staged / RESULT_FILE, dumps(result))
-        for child in staged.iterdir():
-            if child.name != RESULT_FILE:
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(staged)
         target = self.outbox_dir(task_id)
         try:
+            _write_synced(staged / RESULT_FILE, dumps(result))
+            for child in staged.iterdir():
+                if child.name != RESULT_FILE:
+                    with open(child, "rb") as fh:
+                        os.fsync(fh.fileno())
+            fsync_dir(staged)
             os.rename(staged, target)
-        except OSError:
-            if target.exists():
-                shutil.rmtree(staged, ignore_errors=True)
+        except BaseException as exc:
+            self.discard_staged(staged)  # a failed write (a full disk) leaves nothing behind in tmp/
+            if isinstance(exc, OSError) and target.exists():
                 return False
             raise
         fsync_dir(self.outbox)
         return True
+
+    def discard_staged(self, staged: Path) -> None:
+        """Remove a result directory that will not be published (its writer failed or gave up)."""
+        shutil.rmtree(staged, ignore_errors=True)
 
     def write_result(self, result: dict[str, Any]) -> bool:
         """A result without images (a failure) straight to outbox/."""
@@ -268,10 +273,25 @@ class Spool:
         return self.done / f"{task_id}.json"
 
     def finish(self, result: dict[str, Any]) -> None:
-        """done/<taskId>.json written, then outbox/<taskId> removed: a crash between leaves both, and
-        recover() removes the outbox copy (done/ is the ledger that says it was published)."""
+        """done/<taskId>.json, then outbox/<taskId> removed: a crash between leaves both, and the uploader then
+        removes the outbox copy (done/ is the ledger that says it was published).
+
+        When what was published is the outbox's own result.json, done/ gets that file by one rename: no new blocks,
+        so a full disk cannot keep a result that Kafka has acknowledged from being recorded (and published again
+        after a restart). Anything else (a failed result that replaced it, no outbox entry) is written anew.
+        """
         task_id = result["taskId"]
-        self._atomic_write(self.done_path(task_id), dumps(result))
+        published = self.outbox_dir(task_id) / RESULT_FILE
+        try:
+            same = json.loads(published.read_bytes()) == result
+        except (OSError, ValueError):
+            same = False
+        if same:
+            os.utime(published)  # mtime = published at (done/ retention, the watchdog's counting)
+            os.rename(published, self.done_path(task_id))
+            fsync_dir(self.done)
+        else:
+            self._atomic_write(self.done_path(task_id), dumps(result))
         self.discard_outbox(task_id)
 
     def discard_outbox(self, task_id: str) -> None:
@@ -369,7 +389,12 @@ class Spool:
     def quarantine_bytes(self, data: bytes, hint: str, reason: str) -> Path:
         tmp = self._tmp_path("corrupt")
         _write_synced(tmp, data)
-        return self.quarantine(tmp.rename(tmp.with_name(_safe_name(hint))), reason)
+        named = tmp.rename(tmp.with_name(_safe_name(hint)))
+        try:
+            return self.quarantine(named, reason)
+        except BaseException:
+            named.unlink(missing_ok=True)
+            raise
 
     def corrupt_entries(self) -> list[tuple[str, str]]:
         out = []

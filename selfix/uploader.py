@@ -23,6 +23,7 @@ from loguru import logger
 
 from selfix.backoff import compute_backoff
 from selfix.faults import crashpoint
+from selfix.files import DiskFull, disk_full_error
 from selfix.messages import OUTPUT_FORBIDDEN, OUTPUT_INVALID, STORAGE_UNAVAILABLE, TaskError, failed_result, staged_name
 from selfix.prepare import remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
@@ -125,6 +126,10 @@ class Uploader:
         self.not_before: dict[str, float] = {}
         self.last_prune = 0.0
         self.refused: str | None = None
+        # Results Kafka acknowledged whose done/ record is not written yet (a full disk): they are never published
+        # again by this process, only their done/ step is retried.
+        self.acked: dict[str, dict[str, Any]] = {}
+        self.disk = DiskFull("uploader")
 
     def run(self) -> int:
         drain_until: float | None = None
@@ -146,7 +151,7 @@ class Uploader:
             for task_id in self._ready(pending):
                 if self.flags.abort.is_set() or self.refused:
                     break
-                self.deliver(task_id)
+                self.deliver_guarded(task_id)
             if self.refused:
                 logger.error("results cannot be published, stopping (they wait in outbox/): {}", self.refused)
                 self.publisher.close()
@@ -162,8 +167,29 @@ class Uploader:
         now = time.monotonic()
         return [t for t in task_ids if self.not_before.get(t, 0.0) <= now]
 
+    def deliver_guarded(self, task_id: str) -> None:
+        """deliver(), except that a full disk never ends the process: this task waits out a bounded backoff
+        (logged once per episode) and everything else goes on."""
+        try:
+            self.deliver(task_id)
+        except Exception as exc:
+            full = disk_full_error(exc)
+            if full is None:
+                raise
+            self.not_before[task_id] = time.monotonic() + self.disk.hit(full, self.spool.root)
+            return
+        if not self.acked:
+            self.disk.clear()
+
     def deliver(self, task_id: str) -> None:
         log = logger.bind(task_id=task_id)
+        if self.spool.read_done(task_id) is not None:
+            self.spool.discard_outbox(task_id)  # published before a crash; done/ is the ledger
+            self.acked.pop(task_id, None)
+            return
+        if task_id in self.acked:
+            self.record(task_id, self.acked[task_id])  # acknowledged already: only done/ is left to do
+            return
         try:
             result = self.spool.read_result(task_id)
         except FileNotFoundError:
@@ -172,20 +198,24 @@ class Uploader:
             self.spool.quarantine(self.spool.outbox_dir(task_id), f"unreadable result.json: {exc}")
             log.error("outbox entry moved to corrupt/: {}", exc)
             return
-        if self.spool.read_done(task_id) is not None:
-            self.spool.discard_outbox(task_id)  # published before a crash; done/ is the ledger
-            return
         sent = self.send(task_id, result)
         if sent is None:
             return
         crashpoint(self.settings, self.spool, "uploader.before_done")
         result = sent
+        self.acked[task_id] = result
+        log.info("published: {} ({} image(s), {} output(s))", result.get("status"), len(result.get("imagePaths") or []),
+                 len(result.get("outputs") or []))
+        self.record(task_id, result)
+
+    def record(self, task_id: str, result: dict[str, Any]) -> None:
+        """done/ (one rename of the outbox's result.json when that is what was published), then the task's ComfyUI
+        files go."""
         self.spool.finish(result)
+        self.acked.pop(task_id, None)
         remove_task_files(self.settings.comfy_output_dir, self.settings.comfy_input_dir, task_id)
         self.failures.pop(task_id, None)
         self.not_before.pop(task_id, None)
-        log.info("published: {} ({} image(s), {} output(s))", result.get("status"), len(result.get("imagePaths") or []),
-                 len(result.get("outputs") or []))
 
     def send(self, task_id: str, result: dict[str, Any]) -> dict[str, Any] | None:
         """Store the images and publish the result; returns what was published (the result, or the failed result
@@ -197,6 +227,8 @@ class Uploader:
             self.publisher.publish(result)
             return result
         except Exception as exc:  # noqa: BLE001 - classified: retried, bounded or replaced, never ignored
+            if disk_full_error(exc) is not None:
+                raise  # a local store on a full disk: one episode (deliver_guarded), never a replaced result
             verdict = self.verdict(task_id, stage, exc)
             if verdict is None:
                 return None
