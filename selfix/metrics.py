@@ -86,7 +86,8 @@ CATALOGUE: tuple[MetricDoc, ...] = (
     M("selfix_program_up", "gauge", ("program",), "1 when supervisord reports the program RUNNING."),
     M("selfix_heartbeat_age_seconds", "gauge", ("program",), "Seconds since the process last beat its heartbeat."),
     M("selfix_process_restarts_total", "counter", ("program", "reason"),
-      "selfix processes restarted by the watchdog (heartbeat_stale: RUNNING but silent)."),
+      "Programs restarted by the watchdog (heartbeat_stale: RUNNING but silent; fatal: FATAL per supervisord, "
+      "started again after a backoff)."),
     M("selfix_disk_free_bytes", "gauge", ("path",), "Free bytes on the spool's and the LoRA cache's filesystems."),
     M("selfix_ready", "gauge", (), "1 when the node is ready (what /readyz answers)."),
 )

@@ -23,6 +23,11 @@ ComfyUI
 selfix processes (runner, uploader, consumer): RUNNING per supervisord but no heartbeat for HEARTBEAT_STALE_S (a
 fresh process gets STARTUP_GRACE_S more for its first beat) -> restart (SIGKILL; supervisord's autorestart brings
 it back, and the spool makes the kill harmless).
+
+FATAL (supervisord gave up after startretries) -> start it again after FATAL_RESTART_S, doubled for every FATAL in
+a row up to FATAL_RESTART_MAX_FACTOR times (the row ends once the program has stayed RUNNING for FATAL_STABLE_S).
+Whatever made it exit (a full disk, a broker or a store gone for a while) may have passed; a node must not stay
+down until a person types `supervisorctl start`. Applies to ComfyUI and the three selfix processes.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ GB = 1 << 30
 
 FREE_REASONS = ("gpu_soft_mark", "every_jobs", "every_min")
 COMFY_RESTART_REASONS = ("gpu_hard_mark", "rss_limit", "unresponsive", "exited")
-PROCESS_RESTART_REASONS = ("heartbeat_stale",)
+PROCESS_RESTART_REASONS = ("heartbeat_stale", "fatal")
+FATAL = "FATAL"
+FATAL_WATCHED = (COMFYUI, *WATCHED)
+FATAL_RESTART_MAX_FACTOR = 32
+FATAL_STABLE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Limits:
     heartbeat_stale_s: float = 60.0
     restart_min_interval_s: float = 120.0
     restart_grace_s: float = 30.0
+    fatal_restart_s: float = 10.0
 
     @staticmethod
     def from_settings(s: Settings) -> Limits:
@@ -65,6 +75,7 @@ class Limits:
             free_every_s=s.free_every_min * 60.0, unresponsive_s=s.comfy_unresponsive_s,
             rss_limit_bytes=int(s.comfy_rss_limit_gb * GB), heartbeat_stale_s=s.heartbeat_stale_s,
             restart_min_interval_s=s.restart_min_interval_s, restart_grace_s=s.restart_grace_s,
+            fatal_restart_s=s.fatal_restart_s,
         )
 
 
@@ -122,6 +133,8 @@ class PolicyState:
     soft_freed_at: float | None = None
     soft_freed_jobs: int = -1
     last_restart: Mapping[str, float] = field(default_factory=dict)
+    fatal_since: Mapping[str, float] = field(default_factory=dict)  # program -> first tick seen FATAL (this spell)
+    fatal_row: Mapping[str, int] = field(default_factory=dict)  # program -> FATAL starts in a row
 
 
 Kind = Literal["free", "restart", "wait"]
@@ -144,7 +157,29 @@ def observe(r: Readings, st: PolicyState, lim: Limits) -> PolicyState:
         unanswered, answered = None, pid or answered
     elif unanswered is None or (pid and pid != st.comfy_pid):
         unanswered = r.now
-    return replace(st, comfy_pid=pid, answered_pid=answered, unanswered_since=unanswered, due=_due(r, st, lim))
+    since, row = _fatal_timers(r, st)
+    return replace(st, comfy_pid=pid, answered_pid=answered, unanswered_since=unanswered, due=_due(r, st, lim),
+                   fatal_since=since, fatal_row=row)
+
+
+def _fatal_timers(r: Readings, st: PolicyState) -> tuple[Mapping[str, float], Mapping[str, int]]:
+    if r.programs is None:
+        return st.fatal_since, st.fatal_row  # supervisord not reachable: nothing new is known
+    since, row = dict(st.fatal_since), dict(st.fatal_row)
+    for name in FATAL_WATCHED:
+        prog = r.program(name)
+        if prog is not None and prog.state == FATAL:
+            since.setdefault(name, r.now)
+            continue
+        since.pop(name, None)
+        if prog is not None and prog.running and r.now - prog.started >= FATAL_STABLE_S:
+            row.pop(name, None)  # it stayed up: the next FATAL starts a new row with the first delay
+    return since, row
+
+
+def fatal_delay(lim: Limits, row: int) -> float:
+    """Seconds a FATAL program waits before the watchdog starts it, after `row` such starts in a row."""
+    return float(lim.fatal_restart_s * min(FATAL_RESTART_MAX_FACTOR, 2 ** min(row, 16)))
 
 
 def _due(r: Readings, st: PolicyState, lim: Limits) -> Due | None:
@@ -166,7 +201,20 @@ def decide(r: Readings, st: PolicyState, lim: Limits) -> tuple[PolicyState, list
     st = observe(r, st, lim)
     actions = [a for a in (comfy_action(r, st, lim),) if a is not None]
     actions.extend(stuck_actions(r, st, lim))
+    actions.extend(fatal_actions(r, st, lim))
     return st, actions
+
+
+def fatal_actions(r: Readings, st: PolicyState, lim: Limits) -> list[Action]:
+    out = []
+    for name, since in st.fatal_since.items():
+        delay = fatal_delay(lim, st.fatal_row.get(name, 0))
+        left = since + delay - r.now
+        if left > 0:
+            out.append(Action("wait", name, "fatal", f"FATAL per supervisord; starting it again in {delay:.0f}s"))
+        else:
+            out.append(Action("restart", name, "fatal", f"FATAL per supervisord for {r.now - since:.0f}s"))
+    return out
 
 
 def rate_limited(st: PolicyState, program: str, now: float, lim: Limits) -> float:
@@ -249,6 +297,11 @@ def stuck_actions(r: Readings, st: PolicyState, lim: Limits) -> list[Action]:
 def after_free(st: PolicyState, r: Readings) -> PolicyState:
     return replace(st, last_free_at=r.now, jobs_at_last_free=r.jobs_ran, soft_freed_at=r.now,
                    soft_freed_jobs=r.jobs_ran)
+
+
+def after_fatal_start(st: PolicyState, r: Readings, program: str) -> PolicyState:
+    since = {k: v for k, v in st.fatal_since.items() if k != program}
+    return replace(st, fatal_since=since, fatal_row={**st.fatal_row, program: st.fatal_row.get(program, 0) + 1})
 
 
 def after_restart(st: PolicyState, r: Readings, program: str) -> PolicyState:

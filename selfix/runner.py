@@ -26,6 +26,7 @@ from selfix.backoff import compute_backoff
 from selfix.clock import Clock, SystemClock
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
 from selfix.faults import crashpoint
+from selfix.files import DISK_RETRY_MAX_S, DiskFull, disk_full_error
 from selfix.isolation import Guard
 from selfix.loras import LoraCache, Prefetcher
 from selfix.outcomes import (
@@ -38,6 +39,7 @@ from selfix.outcomes import (
     hand_back,
     judge,
     on_lost,
+    terminal_message,
 )
 from selfix.prepare import prepare, remove_task_files
 from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
@@ -98,6 +100,7 @@ class Runner:
         self.last_poke = 0.0
         self.interrupt_grace_s = INTERRUPT_GRACE_S
         self.tasks: set[asyncio.Task[None]] = set()
+        self.disk = DiskFull("runner")
 
     # --- main loop -------------------------------------------------------------------------------------
     async def run(self, until_idle: bool = False) -> int:
@@ -110,13 +113,19 @@ class Runner:
                 asyncio.create_task(self.watch_deadlines(), name="deadlines")]
         try:
             while not self.flags.abort.is_set():
-                if self.flags.stopping.is_set():
-                    await self.hand_back_pending()
-                    if not self.inflight:
+                try:
+                    if await self.step():
                         break
-                elif self.stream.connected.is_set():
-                    await self.fill()
-                await self.settle()
+                except Exception as exc:
+                    full = disk_full_error(exc)
+                    if full is None:
+                        raise
+                    await self.disk_full(full)
+                    continue
+                if self.disk.active and not self.spool.writable():
+                    await self.disk_full(None)
+                    continue
+                self.disk.clear()
                 if until_idle and self.idle():
                     break
                 await self.wait_for_change()
@@ -129,6 +138,30 @@ class Runner:
 
     def idle(self) -> bool:
         return not self.inflight and not self.spool.inbox_entries()
+
+    async def step(self) -> bool:
+        """One turn of the loop; True when drained and done."""
+        if self.flags.stopping.is_set():
+            await self.hand_back_pending()
+            if not self.inflight:
+                return True
+        elif self.stream.connected.is_set() and not self.disk.active:
+            await self.fill()  # a full disk takes no new job: what is claimed already comes first
+        await self.settle()
+        return False
+
+    async def disk_full(self, exc: OSError | None) -> None:
+        """A write failed for want of space (or a probe found none): nothing is lost, since every job is still in
+        processing/ or inbox/; jobs whose step was cut short are taken up again from processing/, then the loop
+        waits out a bounded backoff (one log line per episode) and tries again."""
+        delay = self.disk.hit(exc, self.spool.root)
+        try:
+            self.readopt()
+        except Exception as again:  # noqa: BLE001 - checked: only a full disk is swallowed here
+            if disk_full_error(again) is None:
+                raise
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self.flags.abort.wait, delay), delay + 1)
 
     async def heartbeat(self) -> None:
         """Beat from its own task: a long LoRA download inside fill() must not look like a stuck runner, while a
@@ -204,6 +237,8 @@ class Runner:
             self.fail(inf, exc)
             return
         except StorageError as exc:
+            if disk_full_error(exc) is not None:
+                raise  # LoRA cache or ComfyUI's input dir full: the loop backs off, the job stays claimed
             self.defer(inf, f"storage unavailable: {exc}")
             return
         await self.submit(inf, workflow)
@@ -242,7 +277,7 @@ class Runner:
         if kind == "execution_start":
             inf.started_at = self.clock.time()
             inf.job["startedAt"] = inf.started_at
-            self.spool.write_processing(inf.job)
+            self.note(inf.job)
             crashpoint(self.settings, self.spool, "runner.after_start")
         elif kind == "executing" and data.get("node") is None:
             inf.finished.set()
@@ -255,7 +290,15 @@ class Runner:
         now = self.clock.monotonic()
         if now - inf.progress_written >= PROGRESS_WRITE_S:
             inf.progress_written = now
-            self.spool.write_processing(inf.job)
+            self.note(inf.job)
+
+    def note(self, job: dict[str, Any]) -> None:
+        """Record a running job's progress in processing/; on a full disk memory keeps it for the next write."""
+        try:
+            self.spool.write_processing(job)
+        except OSError as exc:
+            if disk_full_error(exc) is None:
+                raise
 
     async def on_reconnect(self) -> None:
         self.needs_reconcile = True
@@ -321,7 +364,12 @@ class Runner:
         except ComfyUnavailable as exc:
             inf.log().warning("could not fetch outputs yet: {}", exc)
             return
-        if verdict.kind == "retry" and verdict.error is not None:
+        if verdict.kind != "complete" and _disk_full_text(terminal_message(entry.get("status", {}))[1]):
+            # ComfyUI could not write its output (its disk is full): not the job's fault, so it runs again once
+            # there is room, without using up an attempt, and as soon as the runner's disk backoff allows.
+            self.defer(inf, "ComfyUI's disk is full", delay=compute_backoff(
+                min(int(inf.job.get("deferrals", 0)) + 1, 20), 0.25, DISK_RETRY_MAX_S))
+        elif verdict.kind == "retry" and verdict.error is not None:
             self.retry(inf, verdict.error)
         elif verdict.error is not None:
             self.fail(inf, verdict.error)
@@ -353,8 +401,11 @@ class Runner:
             shutil.rmtree(staged, ignore_errors=True)
             self.fail(inf, m.TaskError(m.OUTPUT_TOO_LARGE, str(exc)))
             return
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)  # ComfyUnavailable: collected again on the next try
+        except BaseException as exc:
+            self.spool.discard_staged(staged)  # ComfyUnavailable, a full disk: collected again on the next try
+            full = disk_full_error(exc)
+            if full is not None:
+                raise full from None  # the downloads wait out the runner's disk backoff, not one try per tick
             raise
         result = m.completed_result(inf.job, done.image_paths, self.metadata(inf, entry), done.outputs)
         self.spool.publish_result(staged, result)
@@ -385,7 +436,7 @@ class Runner:
 
     def retry(self, inf: Inflight, error: m.TaskError) -> None:
         """Back to inbox/ with attempt + 1 after a jittered backoff, or a final failure past MAX_ATTEMPTS."""
-        job, attempt = inf.job, int(inf.job.get("attempt", 1))
+        job, attempt = dict(inf.job), int(inf.job.get("attempt", 1))  # a copy: a requeue cut short changes nothing
         verdict = after_failure(error, attempt, self.settings.max_attempts)
         if verdict.kind == "fail" and verdict.error is not None:
             self.fail(inf, verdict.error)
@@ -399,12 +450,13 @@ class Runner:
         stats.incr("job_retries", code=error.code)  # watchdog metric selfix_job_retries_total
         inf.log().warning("retry {} in {:.1f}s after {}: {}", attempt + 1, delay, error.code, error.message)
 
-    def defer(self, inf: Inflight, reason: str) -> None:
-        """An outage outside the job (store down): wait and try again without using up an attempt."""
-        job = inf.job
+    def defer(self, inf: Inflight, reason: str, delay: float | None = None) -> None:
+        """An outage outside the job (store down, a full disk): wait and try again without using up an attempt."""
+        job = dict(inf.job)  # a copy: a requeue cut short (a full disk) changes nothing
         job["deferrals"] = int(job.get("deferrals", 0)) + 1
-        delay = compute_backoff(min(job["deferrals"], 10), max(self.settings.retry_base_s, 0.5),
-                                max(self.settings.retry_max_s, 1.0))
+        if delay is None:
+            delay = compute_backoff(min(job["deferrals"], 10), max(self.settings.retry_base_s, 0.5),
+                                    max(self.settings.retry_max_s, 1.0))
         job.update(notBefore=self.clock.time() + delay, state="queued")
         job.pop("promptId", None)
         self.spool.requeue(job)
@@ -508,8 +560,16 @@ class Runner:
     def recover(self) -> None:
         """Re-attach to every job in processing/; reconcile() then learns from ComfyUI where each one is."""
         self.spool.clean_tmp()
+        self.readopt()
+
+    def readopt(self) -> None:
+        """Take up every job in processing/ that this runner does not hold in memory (all of them at start; after
+        a step cut short by a full disk, the job it was handling)."""
+        held = {inf.task_id for inf in self.inflight.values()}
         jobs = []
         for path in self.spool.processing_files():
+            if path.stem in held:
+                continue
             job = self.load_job(path)
             if job is None:
                 continue
@@ -526,6 +586,12 @@ class Runner:
             logger.bind(task_id=job["taskId"]).info("re-attaching to prompt {}", pid)
         self.promote_head()
         self.needs_reconcile = True
+
+
+def _disk_full_text(data: dict[str, Any]) -> bool:
+    """ComfyUI's execution_error names an OSError ENOSPC/EDQUOT (it reports exceptions as text)."""
+    text = f"{data.get('exception_type', '')} {data.get('exception_message', '')}"
+    return any(s in text for s in ("No space left on device", "Errno 28]", "Disk quota exceeded", "Errno 122]"))
 
 
 def _history_times(entry: dict[str, Any] | None) -> tuple[float, float] | None:

@@ -296,6 +296,9 @@ SPECS: tuple[Spec, ...] = (
     S("RESTART_GRACE_S", "restart_grace_s", "30", _non_negative_float,
       "A ComfyUI restart due while a job runs (hard mark, RSS) waits this long for it, then hands it back for retry.",
       group="watchdog"),
+    S("FATAL_RESTART_S", "fatal_restart_s", "10", _positive_float,
+      "A program supervisord marked FATAL is started again by the watchdog after this long (doubled for each FATAL "
+      "in a row, up to 32x).", group="watchdog"),
     S("SUPERVISOR_URL", "supervisor_url", "", _optional_str,
       "supervisord XML-RPC endpoint (unix:///path or http://); default: the socket selfix up configures.",
       group="watchdog"),
@@ -379,6 +382,7 @@ class Settings:
     heartbeat_stale_s: float
     restart_min_interval_s: float
     restart_grace_s: float
+    fatal_restart_s: float
     supervisor_url: str | None
     crashpoints: frozenset[str]
     log_format: str

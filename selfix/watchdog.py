@@ -45,6 +45,7 @@ PROBE_TIMEOUT_S = 3.0  # a healthy ComfyUI answers /system_stats in milliseconds
 STOP_TIMEOUT_S = 90.0  # supervisord escalates to SIGKILL after the program's stopwaitsecs (30 s for comfyui)
 PENDING_RESTART_MAX_S = 600.0
 GB = 1 << 30
+DOWN_STATES = frozenset({"FATAL", "BACKOFF"})  # supervisord gave up on it, or it keeps exiting while starting
 
 
 def comfy_alive(settings: Settings, timeout: float = 3.0) -> bool:
@@ -233,7 +234,7 @@ class Watchdog:
             jobs=self.jobs, comfy_restarts=self.comfy_restarts, frees=self.frees,
             process_restarts=self.process_restarts, counters=read_all(self.spool),
         )
-        self.view.ready = not self.ready_problems(comfy_up)
+        self.view.ready = not self.ready_problems(comfy_up, programs)
         fractions = [g.memory_fraction for g in gpus if g.memory_total > 0]
         return pol.Readings(
             now=now, comfy_up=comfy_up, running_prompts=running, pending_prompts=pending,
@@ -277,10 +278,13 @@ class Watchdog:
             self.known_comfy_pid = comfy.pid
             self.dirty = True
 
-    def ready_problems(self, comfy_up: bool) -> list[str]:
+    def ready_problems(self, comfy_up: bool, programs: dict[str, ProgramInfo] | None = None) -> list[str]:
         problems = []
         if not comfy_up:
             problems.append("comfyui")
+        for name, prog in sorted((programs or {}).items()):
+            if prog.state in DOWN_STATES:
+                problems.append(f"program:{name}")  # it does no work: FATAL until the watchdog starts it again
         if not self.spool.writable():
             problems.append("spool")
         floor = self.settings.disk_free_floor_gb * GB
@@ -305,6 +309,8 @@ class Watchdog:
                 self.once.on(key, f"{action.program} restart due ({action.reason}): {action.detail}", "INFO")
             elif action.kind == "free":
                 await self.free(r, action)
+            elif action.reason == "fatal":
+                await self.start_fatal(r, action)
             elif action.program == pol.COMFYUI:
                 await self.restart_comfy(r, action)
             else:
@@ -312,7 +318,11 @@ class Watchdog:
         for key in [k for k in self.once.active if k.startswith("wait:") and k not in waiting]:
             self.once.off(key)
         if self.dirty:
-            self.persist()
+            try:
+                self.persist()
+                self.once.off("persist", f"{STATE_FILE} written again")
+            except OSError as exc:  # a full disk: the counters stay in memory (dirty) and are written later
+                self.once.on("persist", f"could not write {STATE_FILE}, keeping the state in memory: {exc}")
         self.write_status()
 
     async def free(self, r: pol.Readings, action: pol.Action) -> None:
@@ -409,6 +419,21 @@ class Watchdog:
             logger.warning("ComfyUI restart ({}) never took effect (still pid {}); dropping it", reason, comfy.pid)
             self.finish_comfy_restart(reason, "", happened=False)
 
+    async def start_fatal(self, r: pol.Readings, action: pol.Action) -> None:
+        """supervisord gave up on a program (FATAL): start it again; the policy spaced the tries out."""
+        logger.warning("starting {} again ({}): {}", action.program, action.reason, action.detail)
+        self.pstate = pol.after_fatal_start(self.pstate, r, action.program)  # the backoff counts from the attempt
+        try:
+            await asyncio.to_thread(self.sup.start, action.program)
+        except SupervisorError as exc:
+            logger.error("start of FATAL {} failed: {}; trying again after the next backoff", action.program, exc)
+        if action.program == pol.COMFYUI:
+            self.known_comfy_pid = 0  # the next pid is the one we started, not an "exited" restart
+        key = (action.program, action.reason)
+        self.process_restarts[key] = self.process_restarts.get(key, 0) + 1
+        self.dirty = True
+        self.event("restart", action.program, action.reason, action.detail)
+
     async def restart_process(self, r: pol.Readings, action: pol.Action) -> None:
         """A RUNNING but silent selfix process: SIGKILL (it is not reading its signals; the spool makes the kill
         harmless) and supervisord's autorestart starts a fresh one."""
@@ -465,12 +490,18 @@ class Watchdog:
             return web.json_response({"healthy": False, "error": str(exc)}, status=503)
         states = {n: p.state for n, p in sorted(programs.items())}
         healthy = all(p.running for p in programs.values())
-        return web.json_response({"healthy": healthy, "programs": states}, status=200 if healthy else 503)
+        down = sorted(n for n, p in programs.items() if p.state in DOWN_STATES)
+        return web.json_response({"healthy": healthy, "programs": states, "down": down},
+                                 status=200 if healthy else 503)
 
     async def http_readyz(self, _request: web.Request) -> web.Response:
         """200 when this node can take work: ComfyUI answers now, the spool is writable, disk above the floor."""
         up = await self.client.alive()
-        problems = await asyncio.to_thread(self.ready_problems, up)
+        try:
+            programs: dict[str, ProgramInfo] | None = await asyncio.to_thread(self.sup.programs)
+        except SupervisorError:
+            programs = None  # supervisord unreachable: /healthz says so; readiness judges the work itself
+        problems = await asyncio.to_thread(self.ready_problems, up, programs)
         free = self.disk_free()
         body = {"ready": not problems, "failing": problems, "comfyui": up,
                 "diskFreeBytes": free, "diskFloorBytes": int(self.settings.disk_free_floor_gb * GB)}

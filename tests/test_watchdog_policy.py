@@ -201,3 +201,52 @@ def test_stuck_restarts_are_rate_limited_per_program() -> None:
     st = PolicyState(last_restart={"runner": T0 - 10})
     _, actions = run(readings(heartbeats=beats), st)
     assert kinds(actions) == [("wait", "runner", "heartbeat_stale"), ("restart", "uploader", "heartbeat_stale")]
+
+
+# --- FATAL programs --------------------------------------------------------------------------------------------------
+
+def fatal(*names: str, at: float = T0 - 5) -> dict[str, Program]:
+    return {**RUNNING, **{n: Program("FATAL", 0, at) for n in names}}
+
+
+def test_a_fatal_program_is_started_again_after_the_backoff() -> None:
+    lim = replace(LIM, fatal_restart_s=10)
+    st, actions = run(readings(programs=fatal("runner")), lim=lim)
+    assert kinds(actions) == [("wait", "runner", "fatal")], "not at once: whatever made it exit may last"
+    assert st.fatal_since == {"runner": T0}
+    st, actions = run(readings(T0 + 9.9, programs=fatal("runner")), st, lim)
+    assert kinds(actions) == [("wait", "runner", "fatal")]
+    st, actions = run(readings(T0 + 10, programs=fatal("runner")), st, lim)
+    assert kinds(actions) == [("restart", "runner", "fatal")]
+    st = pol.after_fatal_start(st, readings(T0 + 10), "runner")
+    assert st.fatal_since == {} and st.fatal_row == {"runner": 1}
+
+
+def test_fatal_again_and_again_doubles_the_wait_up_to_the_cap() -> None:
+    lim = replace(LIM, fatal_restart_s=10)
+    assert [pol.fatal_delay(lim, row) for row in range(8)] == [10, 20, 40, 80, 160, 320, 320, 320]
+    st = PolicyState(fatal_row={"consumer": 2})
+    st, _ = run(readings(programs=fatal("consumer")), st, lim)
+    assert kinds(run(readings(T0 + 39, programs=fatal("consumer")), st, lim)[1]) == [("wait", "consumer", "fatal")]
+    assert kinds(run(readings(T0 + 40, programs=fatal("consumer")), st, lim)[1]) == [("restart", "consumer",
+                                                                                           "fatal")]
+
+
+def test_the_row_ends_once_the_program_stays_up() -> None:
+    st = PolicyState(fatal_row={"uploader": 3, "runner": 2})
+    young = {**RUNNING, "uploader": Program("RUNNING", 7, T0 - 5), "runner": Program("STARTING", 8, T0 - 100)}
+    st, _ = run(readings(programs=young), st)
+    assert st.fatal_row == {"uploader": 3, "runner": 2}, "5 s up, or not RUNNING, proves nothing"
+    stable = {**young, "uploader": Program("RUNNING", 7, T0 - pol.FATAL_STABLE_S)}
+    st, _ = run(readings(programs=stable), st)
+    assert st.fatal_row == {"runner": 2}
+
+
+def test_fatal_comfyui_too_and_unknown_states_change_nothing() -> None:
+    st, actions = run(readings(comfy_up=False, programs=fatal("comfyui", "runner")))
+    assert sorted(kinds(actions)) == [("wait", "comfyui", "fatal"), ("wait", "runner", "fatal")]
+    st2, actions = run(readings(T0 + 5, comfy_up=False, programs=None), st)
+    assert st2.fatal_since == st.fatal_since, "supervisord unreachable: the timers stand"
+    st3, _ = run(readings(T0 + 6, programs=RUNNING), st2)
+    assert st3.fatal_since == {}, "started by someone else: nothing left to do"
+    assert run(readings(programs=fatal("watchdog")))[1] == [], "the watchdog cannot start itself"
