@@ -50,6 +50,7 @@ from loguru import logger
 
 from selfix import stats
 from selfix.files import fsync_dir as _fsync_dir
+from selfix.files import is_disk_full
 from selfix.messages import (
     LORA_FORBIDDEN,
     LORA_INVALID,
@@ -741,8 +742,11 @@ class Prefetcher:
                 return
             try:
                 self.once()
-            except Exception:  # noqa: BLE001 - prefetching is an optimisation; never let it die
-                logger.exception("LoRA prefetch failed")
+            except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation; never let it die
+                if is_disk_full(exc):  # the runner's own disk-full episode says it, once
+                    logger.debug("LoRA prefetch postponed: {}", exc)
+                else:
+                    logger.exception("LoRA prefetch failed")
 
     def upcoming(self) -> list[tuple[str, str]]:
         """(key, userId) of the LoRAs of the next `depth` jobs in inbox/, in run order."""
