@@ -14,7 +14,7 @@ from selfix.backoff import compute_backoff
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DISK_RETRY_BASE_S = 0.25
-DISK_RETRY_MAX_S = 5.0  # bounds "space is back -> work resumes": each stage looks again at least this often
+DISK_RETRY_MAX_S = 2.0  # bounds "space is back -> work resumes": each stage looks again at least this often
 
 
 def fsync_dir(path: Path) -> None:
