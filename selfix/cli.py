@@ -34,6 +34,7 @@ NODE_RECORD = "node.json"  # run/node.json: the variables `selfix up` was starte
 MASK = "***"
 LOCATORS = ("SPOOL_DIR", "SELFIX_HOME")  # the variables that say which node a command acts on
 SECRETS = frozenset(spec.env for spec in SPECS if spec.secret)
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the spool's disk is full, try again later
 
 
 def _settings() -> Settings:
@@ -294,6 +295,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from loguru import logger
 
+    from selfix.files import is_disk_full
     from selfix.intake import accept, limits_of
     from selfix.templates import Catalog
 
@@ -312,7 +314,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"{name}: cannot read: {exc.strerror or exc}", file=sys.stderr)
             worst = 2
             continue
-        outcome = accept(spool, raw, limits, catalog, source={"file": Path(name).name})
+        try:
+            outcome = accept(spool, raw, limits, catalog, source={"file": Path(name).name})
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            print(f"{name}: not submitted, the spool's disk is full ({exc.strerror}); nothing was written, "
+                  f"try again when there is room", file=sys.stderr)
+            return EXIT_TEMPFAIL
         if outcome.kind == "unaddressable":
             where = spool.quarantine_bytes(raw, Path(name).name, outcome.detail)
             print(f"{name}: rejected, no usable taskId ({outcome.detail}); kept in {where}")

@@ -9,6 +9,8 @@ import errno
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +229,15 @@ def test_a_lora_download_on_a_full_disk_leaves_no_part_file(fs: SmallFs, tmp_pat
     fs.free()
     assert cache.ensure("users/u1/models/a.safetensors", "u1")
     assert [p.name for p in (fs.root / "loras").rglob("*.part")] == []
+
+
+def test_selfix_submit_on_a_full_disk_says_so_and_writes_nothing(fs: SmallFs, sp: Spool, tmp_path: Path) -> None:
+    task_file = tmp_path / "t.json"
+    task_file.write_text(json.dumps(task("sub-1")))
+    fs.fill()
+    env = {**os.environ, "SPOOL_DIR": str(sp.root), "STORE_DIR": str(tmp_path / "store")}
+    proc = subprocess.run([sys.executable, "-m", "selfix", "submit", str(task_file)], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 75, proc.stderr
+    assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert sp.counts() == {"inbox": 0, "processing": 0, "outbox": 0, "done": 0, "corrupt": 0, "tmp": 0}
