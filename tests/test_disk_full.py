@@ -241,3 +241,10 @@ def test_selfix_submit_on_a_full_disk_says_so_and_writes_nothing(fs: SmallFs, sp
     assert proc.returncode == 75, proc.stderr
     assert "disk is full" in proc.stderr and "Traceback" not in proc.stderr
     assert sp.counts() == {"inbox": 0, "processing": 0, "outbox": 0, "done": 0, "corrupt": 0, "tmp": 0}
+
+
+def test_done_records_what_was_published_when_a_failed_result_replaced_the_outbox_one(sp: Spool) -> None:
+    sp.write_result(result("t1"))
+    replaced = m.failed_result("t1", "u1", m.TaskError(m.OUTPUT_INVALID, "key refused"), {"attempts": 1})
+    sp.finish(replaced)  # not a rename: the outbox's result.json is not what went out
+    assert sp.read_done("t1") == replaced and sp.outbox_tasks() == [] and os.listdir(sp.tmp) == []
