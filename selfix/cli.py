@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from selfix import process
 from selfix.messages import strict_loads
+from selfix.process import EXIT_CONFIG, EXIT_IN_USE, SpoolInUse
 from selfix.settings import (
     CONTAINER_HOME,
-    EXIT_CONFIG,
     SPECS,
     Settings,
     SettingsError,
@@ -238,14 +239,20 @@ def comfy_argv(settings: Settings) -> list[str]:
 
 
 def cmd_comfyui(_args: argparse.Namespace) -> int:
+    """supervisord's `comfyui` program. It execs ComfyUI (supervisord's signals must reach ComfyUI itself) after the
+    lifecycle's parent-death signal is armed (it survives the exec), the spool's program lock is held across the
+    exec, and a guard watches for ComfyUI's own children."""
+    process.die_with_parent()
     settings = _node_settings("comfyui")
     try:
         argv = comfy_argv(settings)
     except SettingsError as exc:
         print(f"selfix comfyui: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    process.hold_programs_lock(Spool(settings.spool_dir).ensure(), inheritable=True)
     print(f"selfix comfyui: exec {shlex.join(argv)}", flush=True)
-    os.execvp(argv[0], argv)  # exec: supervisord's signals must reach ComfyUI itself
+    process.guard_process_group()
+    os.execvp(argv[0], argv)
 
 
 # --- up ------------------------------------------------------------------------------------------------
@@ -279,6 +286,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"selfix up: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    spool = Spool(settings.spool_dir).ensure()
+    try:
+        lock = process.lock_node(spool)  # two sets of programs never work on one spool
+    except SpoolInUse as exc:
+        print(f"selfix up: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
+    spool.clean_tmp(0)  # no program runs on this spool now (we hold both locks): what tmp/ holds is a dead writer's
+    if lock > 4:  # supervisord closes fds 5 and up when it reloads (supervisorctl reload); keep the lock below
+        os.dup2(lock, 3)  # inheritable; what was on 3 is not (Python's default), so the exec would close it anyway
+        os.close(lock)
     prepare_node(settings)
     print(f"selfix up: supervisord -n -c {args.conf} (spool {settings.spool_dir})", flush=True)
     _exec_supervisor_tool("supervisord", settings, ["-n", "-c", str(args.conf)])

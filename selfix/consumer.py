@@ -37,7 +37,7 @@ from selfix.backoff import compute_backoff
 from selfix.files import DiskFull, disk_full_error
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
 from selfix.messages import Limits, peek_ids, strict_loads
-from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
+from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, Program, StopFlags, run
 from selfix.settings import Settings
 from selfix.spool import Spool
 from selfix.templates import Catalog
@@ -55,7 +55,7 @@ def run_offline(settings: Settings, spool: Spool, catalog: Catalog, flags: StopF
     limits = limits_of(settings)
     disk = DiskFull("consumer")
     while not flags.stopping.is_set():
-        spool.beat("consumer")
+        flags.beat()
         delay = POLL_S
         if adopt_dropped(spool, limits, catalog, disk) is False:
             delay = max(POLL_S, disk.retry_at - time.monotonic())
@@ -131,7 +131,7 @@ class KafkaIntake:
         code = EXIT_OK
         try:
             while not self.flags.stopping.is_set():
-                self.spool.beat("consumer")
+                self.flags.beat()
                 if self.fatal is not None:
                     code = self.fail_fast()
                     break
@@ -472,7 +472,7 @@ class KafkaIntake:
                     withdrawn, self.settings.kafka_drain_s, started)
         deadline = time.monotonic() + self.settings.kafka_drain_s
         while started and time.monotonic() < deadline and not self.flags.abort.is_set() and self.fatal is None:
-            self.spool.beat("consumer")
+            self.flags.beat()
             msg = self.consumer.poll(TICK_S)  # paused: only callbacks (rebalance, commits, errors)
             self.drain_errors()
             if msg is not None:
@@ -587,15 +587,17 @@ def run_kafka(settings: Settings, spool: Spool, catalog: Catalog, flags: StopFla
     return KafkaIntake(settings, spool, catalog, flags).run()
 
 
-def main() -> int:
-    settings = boot("consumer")
-    spool = Spool(settings.spool_dir).ensure()
+def serve(program: Program) -> int:
+    settings, spool, flags = program.settings, program.spool, program.flags
     catalog = Catalog.load(settings.templates_dir)
-    flags = StopFlags().install()
     if settings.kafka_enabled:
         return run_kafka(settings, spool, catalog, flags)
     logger.info("consumer: no KAFKA_BOOTSTRAP_SERVER, taking jobs from files dropped into {}", spool.inbox)
     return run_offline(settings, spool, catalog, flags)
+
+
+def main() -> int:
+    return run("consumer", serve)
 
 
 if __name__ == "__main__":

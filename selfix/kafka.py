@@ -423,11 +423,13 @@ SHORT_WAIT_S = 0.2  # ... when an earlier delivery is already overdue (Kafka dow
 class PublishError(RuntimeError):
     """A message was not (or not yet) acknowledged by the broker; the caller keeps it and retries later."""
 
+    retriable = True
+
 
 class PublishRefused(PublishError):
     """The broker refuses this producer for good (credentials, TLS, authorization): retrying cannot help."""
 
-    permanent = True
+    retriable = False
 
 
 class MessageRejected(PublishError):

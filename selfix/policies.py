@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
+from selfix.supervisor import RUNNING
+
 if TYPE_CHECKING:
     from selfix.settings import Settings
 
@@ -87,7 +89,7 @@ class Program:
 
     @property
     def running(self) -> bool:
-        return self.state == "RUNNING"
+        return self.state == RUNNING
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from selfix.outcomes import (
     terminal_message,
 )
 from selfix.prepare import prepare, remove_task_files
-from selfix.process import EXIT_ABORTED, EXIT_OK, StopFlags, boot
+from selfix.process import EXIT_ABORTED, EXIT_OK, Program, StopFlags, run_async
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
 from selfix.storage import ObjectStore, StorageError, open_store
@@ -167,7 +167,7 @@ class Runner:
         """Beat from its own task: a long LoRA download inside fill() must not look like a stuck runner, while a
         blocked event loop (the real kind of stuck) still stops the beats."""
         while True:
-            self.spool.beat("runner")
+            self.flags.beat()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def watch_deadlines(self) -> None:
@@ -606,21 +606,18 @@ def _history_times(entry: dict[str, Any] | None) -> tuple[float, float] | None:
     return start / 1000, end / 1000
 
 
-async def amain(settings: Settings) -> int:
-    spool = Spool(settings.spool_dir).ensure()
-    stats.configure(spool, "runner")  # counters (LoRA cache, retries) persist in run/stats.runner.json
-    flags = StopFlags().install()
+async def amain(program: Program) -> int:
+    settings = program.settings
+    logger.info("runner starting: ComfyUI at {}, queue ahead {}", settings.comfy_url, settings.queue_ahead)
     connector = aiohttp.TCPConnector(limit=16)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = ComfyClient(settings.comfy_url, f"selfix-runner-{socket.gethostname()}", session)
-        runner = Runner(settings, spool, open_store(settings), client, flags)
+        runner = Runner(settings, program.spool, open_store(settings), client, program.flags)
         return await runner.run()
 
 
 def main() -> int:
-    settings = boot("runner")
-    logger.info("runner starting: ComfyUI at {}, queue ahead {}", settings.comfy_url, settings.queue_ahead)
-    return asyncio.run(amain(settings))
+    return run_async("runner", amain)
 
 
 if __name__ == "__main__":

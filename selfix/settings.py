@@ -2,7 +2,8 @@
 
 Every variable selfix reads is declared in SPECS (name, default, parser, secret flag, one-line doc). The README's
 settings table and the deployment checks are derived from SPECS, so a setting cannot exist without being documented.
-A bad value raises SettingsError naming the variable; processes turn that into exit code EXIT_CONFIG.
+A bad value raises SettingsError naming the variable; processes turn that into exit code EXIT_CONFIG (78, defined
+with the other exit codes in selfix/process.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: supervisord must not hammer-restart a misconfigured process
 
 
 class SettingsError(ValueError):

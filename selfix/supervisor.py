@@ -13,7 +13,17 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
+# supervisord's process states (supervisor.states.ProcessStates), by the names its XML-RPC `statename` gives.
+STOPPED = "STOPPED"
+STARTING = "STARTING"
 RUNNING = "RUNNING"
+BACKOFF = "BACKOFF"
+STOPPING = "STOPPING"
+EXITED = "EXITED"
+FATAL = "FATAL"
+UNKNOWN = "UNKNOWN"
+STOPPED_STATES = (STOPPED, EXITED, FATAL)  # not running and not about to run by itself (supervisor's own set
+# adds UNKNOWN); FATAL needs a start from outside
 
 
 class SupervisorError(Exception):
@@ -23,7 +33,7 @@ class SupervisorError(Exception):
 @dataclass(frozen=True)
 class ProgramInfo:
     name: str
-    state: str  # supervisord statename: STOPPED STARTING RUNNING BACKOFF STOPPING EXITED FATAL UNKNOWN
+    state: str  # supervisord statename: one of the constants above
     pid: int
     started: float  # epoch seconds of the last start (supervisord's `start`)
     description: str = ""

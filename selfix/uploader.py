@@ -26,7 +26,7 @@ from selfix.faults import crashpoint
 from selfix.files import DiskFull, disk_full_error
 from selfix.messages import OUTPUT_FORBIDDEN, OUTPUT_INVALID, STORAGE_UNAVAILABLE, TaskError, failed_result, staged_name
 from selfix.prepare import remove_task_files
-from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, StopFlags, boot
+from selfix.process import EXIT_ABORTED, EXIT_OK, EXIT_UNAVAILABLE, Program, StopFlags, run
 from selfix.settings import Settings
 from selfix.spool import Spool
 from selfix.storage import (
@@ -50,8 +50,8 @@ class Publisher(Protocol):
 
     def publish(self, result: dict[str, Any]) -> None:
         """Return only once the result is durably delivered; raise to retry later. An exception with
-        `permanent = True` stops the uploader (the node cannot publish at all); one with `rejected = True` says that
-        this result can never be published as it is."""
+        `retriable = False` (kafka.PublishRefused) stops the uploader (the node cannot publish at all); one with
+        `rejected = True` says that this result can never be published as it is."""
 
     def dead_letter(self, result: dict[str, Any], reason: str) -> None:
         """Keep a result that cannot be published where an operator finds it (Kafka: KAFKA_TOPIC_DLQ); may raise."""
@@ -87,7 +87,7 @@ def classify(stage: Literal["store", "publish"], exc: BaseException) -> Verdict:
     wait: Kafka is down or slow: retry with backoff, without bound (a failed result could not go out either).
     bounded: the store failed: retry with backoff until RESULT_RETRY_S, then publish a failed result.
     """
-    if getattr(exc, "permanent", False):
+    if stage == "publish" and not getattr(exc, "retriable", True):  # kafka.PublishRefused (imported lazily)
         return "refused"
     if getattr(exc, "rejected", False) or isinstance(exc, InvalidKey | ObjectTooLarge | FileNotFoundError):
         return "rejected"
@@ -134,7 +134,7 @@ class Uploader:
     def run(self) -> int:
         drain_until: float | None = None
         while not self.flags.abort.is_set():
-            self.spool.beat("uploader")
+            self.flags.beat()
             pending = self.spool.outbox_tasks()
             if self.flags.stopping.is_set():
                 # supervisord stops the uploader after the runner: publish everything in outbox/ (waiting out
@@ -355,14 +355,16 @@ def make_publisher(settings: Settings, spool: Spool | None = None) -> Publisher:
     return ResultPublisher(settings, spool)
 
 
-def main() -> int:
-    settings = boot("uploader")
-    spool = Spool(settings.spool_dir).ensure()
-    flags = StopFlags().install()
+def serve(program: Program) -> int:
+    settings, spool = program.settings, program.spool
     store = open_store(settings)
     logger.info("uploader starting: store {}, results {}", store.describe(),
                 f"Kafka topic {settings.kafka_topic_output}" if settings.kafka_enabled else "done/ only")
-    return Uploader(settings, spool, store, make_publisher(settings, spool), flags).run()
+    return Uploader(settings, spool, store, make_publisher(settings, spool), program.flags).run()
+
+
+def main() -> int:
+    return run("uploader", serve)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ from loguru import logger
 
 from selfix import console
 from selfix import policies as pol
+from selfix import supervisor as sv
 from selfix.comfy import ComfyClient, ComfyUnavailable
 from selfix.gpu import GpuReading, Nvml, comfy_gpus, merge, nvml_error_text
 from selfix.metrics import CONTENT_TYPE, NodeView, make_registry, render
-from selfix.process import EXIT_ERROR, EXIT_OK, StopFlags, boot
+from selfix.process import EXIT_ERROR, EXIT_OK, Program, StopFlags, run_async
 from selfix.settings import Settings
 from selfix.spool import Spool, dumps
 from selfix.stats import JobStats, read_all
@@ -391,7 +392,7 @@ class Watchdog:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             info = await asyncio.to_thread(self.sup.program, name)
-            if info.state in ("STOPPED", "EXITED", "FATAL"):
+            if info.state in sv.STOPPED_STATES:
                 return
             await asyncio.sleep(0.1)
         raise SupervisorError(f"{name} did not stop within {STOP_TIMEOUT_S:g}s")
@@ -405,7 +406,7 @@ class Watchdog:
         reason = str(pending.get("reason", "unknown"))
         if comfy is None:
             return
-        if comfy.state in ("STOPPED", "EXITED"):
+        if comfy.state in (sv.STOPPED, sv.EXITED):
             logger.warning("ComfyUI was left stopped by an interrupted restart ({}): starting it", reason)
             try:
                 await asyncio.to_thread(self.sup.start, pol.COMFYUI)
@@ -526,8 +527,8 @@ def open_nvml() -> Nvml | None:
     return nvml
 
 
-async def amain(settings: Settings, flags: StopFlags) -> int:
-    spool = Spool(settings.spool_dir).ensure()
+async def amain(program: Program) -> int:
+    settings, spool, flags = program.settings, program.spool, program.flags
     nvml = open_nvml()
     async with aiohttp.ClientSession() as session:
         client = ComfyClient(settings.comfy_url, "selfix-watchdog", session, timeout_s=PROBE_TIMEOUT_S)
@@ -544,7 +545,7 @@ async def amain(settings: Settings, flags: StopFlags) -> int:
                     settings.metrics_port, settings.watchdog_interval_s)
         try:
             while not flags.stopping.is_set():
-                spool.beat("watchdog")
+                flags.beat()
                 try:
                     await wd.tick()
                 except Exception:  # noqa: BLE001 - one bad tick must not take the node's supervision down
@@ -560,9 +561,7 @@ async def amain(settings: Settings, flags: StopFlags) -> int:
 
 
 def main() -> int:
-    settings = boot("watchdog")
-    flags = StopFlags().install()
-    return asyncio.run(amain(settings, flags))
+    return run_async("watchdog", amain)
 
 
 if __name__ == "__main__":
