@@ -14,13 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 from PIL import Image
+
+from tests.servers.node import ComfyDouble as Double
 
 pytestmark = pytest.mark.comfy_double
 
@@ -61,72 +58,9 @@ def first_entry(history: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Double:
-    root: Path
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def log(self) -> str:
-        return self.path("double.log").read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
 def start_double(root: Path, *extra: str, deadline_s: float = 20.0) -> Double:
-    for name in ("input", "output", "models"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "selfix.testing.fake_comfyui", "--listen", "127.0.0.1", "--port", str(port),
-        "--output-dir", str(root / "output"), "--input-dir", str(root / "input"),
-        "--models-dir", str(root / "models"), "--temp-dir", str(root / "tmp"),
-        "--seconds-per-step", str(SECONDS_PER_STEP), "--preview-method", "latent2rgb",
-        "--exec-log", str(root / "exec.log"), "--disable-auto-launch", "--cpu", "--log-stdout", *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(root / "double.log", "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    double = Double(root, port, proc)
-    _wait_until_up(double, time.monotonic() + deadline_s)
-    return double
-
-
-def _wait_until_up(double: Double, deadline: float) -> None:
-    while True:
-        try:
-            with urllib.request.urlopen(double.url + "/system_stats", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if double.proc.poll() is not None:
-            raise AssertionError(f"double exited with {double.proc.returncode}:\n{double.log()}")
-        if time.monotonic() > deadline:
-            double.stop()
-            raise AssertionError(f"double did not answer /system_stats in time:\n{double.log()}")
-        time.sleep(0.05)  # poll interval, not synchronisation: the deadline above decides
+    return Double(root, SECONDS_PER_STEP, checkpoint=False, extra=(
+        "--preview-method", "latent2rgb", "--disable-auto-launch", "--cpu", "--log-stdout", *extra)).start(deadline_s)
 
 
 @pytest.fixture

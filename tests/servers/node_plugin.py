@@ -1,239 +1,36 @@
-"""A whole selfix node for tests: `selfix up` (real supervisord) with the ComfyUI double, in a temp dir.
+"""pytest fixtures for a whole selfix node and the ComfyUI double (the classes and builders live in node.py).
 
-Also a standalone ComfyUI double (`comfy_double`) for tests of single processes.
+- `make_node` (function): factory(name="node", **kw) -> Node under the test's tmp_path; every node is stopped after
+  the test (no program outlives it).
+- `comfy_double` (function): a started ComfyDouble under the test's tmp_path.
+
+The names of node.py stay importable from here for the test modules that import them from this plugin.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import xmlrpc.client
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from supervisor.xmlrpc import SupervisorTransport
 
-from tests.servers import free_ports
+from tests.servers.node import (
+    PROGRAMS,
+    ROOT,
+    ComfyDouble,
+    Double,
+    Node,
+    double_command,
+    free_port,
+    t2i_workflow,
+    task,
+    wait_until,
+    write_safetensors,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-PROGRAMS = ("comfyui", "consumer", "runner", "uploader", "watchdog")
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
-               interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what() if callable(what) else what}")
-        time.sleep(interval)
-
-
-def write_safetensors(path: Path, payload: bytes = b"\0" * 64, meta: dict[str, Any] | None = None) -> Path:
-    """A small but valid safetensors file (header + one uint8 tensor)."""
-    header = {"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}
-    if meta:
-        header["__metadata__"] = meta  # type: ignore[assignment]
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + payload)
-    return path
-
-
-def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", batch: int = 1,
-                 seed: int = 1) -> dict[str, Any]:
-    """checkpoint → (LoRA) → text → KSampler(steps) → VAE → SaveImage: the double spends steps × seconds-per-step."""
-    model, clip = ["4", 0], ["4", 1]
-    wf: dict[str, Any] = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}}}
-    if lora:
-        wf["10"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
-                                                           "strength_model": 0.8, "strength_clip": 0.8}}
-        model, clip = ["10", 0], ["10", 1]
-    wf.update({
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a cat"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "blurry"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "3": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["6", 0], "negative": ["7", 0],
-                                                   "latent_image": ["5", 0], "seed": seed, "steps": steps, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
-    })
-    return wf
-
-
-def task(task_id: str, *, user: str = "u1", priority: int = 0, steps: int = 2, lora: str | None = None,
-         batch: int = 1, **extra: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {"taskId": task_id, "userId": user, "priority": priority,
-                           "workflow": t2i_workflow(steps, lora=lora and lora.rsplit("/", 1)[-1], batch=batch,
-                                                    seed=zlib.crc32(task_id.encode()))}
-    if lora:
-        msg["loraModel"] = lora
-    msg.update(extra)
-    return msg
-
-
-def double_command(exec_log: Path, seconds_per_step: float) -> str:
-    return (f"{sys.executable} -m selfix.testing.fake_comfyui --listen 127.0.0.1 --port {{port}} "
-            f"--output-dir {{output_dir}} --input-dir {{input_dir}} --models-dir {{models_dir}} "
-            f"--temp-dir {{temp_dir}} --extra-model-paths-config {{extra_model_paths}} "
-            f"--exec-log {exec_log} --seconds-per-step {seconds_per_step}")
-
-
-class Node:
-    """One selfix node under real supervisord. Everything lives under `root`; ports are free loopback ports."""
-
-    def __init__(self, root: Path, seconds_per_step: float = 0.05, env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.exec_log = root / "comfy-exec.log"
-        self.env = {
-            **os.environ,
-            "SPOOL_DIR": str(root / "spool"), "STORE_DIR": str(root / "store"), "MODELS_DIR": str(root / "models"),
-            "TEMP_DIR": str(root / "temp"), "LORA_CACHE_DIR": str(root / "loras"),
-            "COMFY_OUTPUT_DIR": str(root / "comfy" / "output"), "COMFY_INPUT_DIR": str(root / "comfy" / "input"),
-            "COMFY_LOG_DIR": str(root / "logs"), "COMFY_PORT": str(free_port()), "METRICS_PORT": str(free_port()),
-            "COMFY_COMMAND": double_command(self.exec_log, seconds_per_step),
-            "RETRY_BASE_S": "0.2", "RETRY_MAX_S": "1", "WS_SILENCE_S": "2", "LOG_LEVEL": "DEBUG",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        self.env.update(env or {})
-        write_safetensors(Path(self.env["MODELS_DIR"]) / "checkpoints" / "tiny.safetensors")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = root / "node.log"
-
-    @property
-    def spool(self) -> Any:
-        from selfix.spool import Spool
-
-        return Spool(Path(self.env["SPOOL_DIR"]))
-
-    @property
-    def store(self) -> Path:
-        return Path(self.env["STORE_DIR"])
-
-    def start(self, wait_programs: tuple[str, ...] = PROGRAMS) -> Node:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "selfix", "up"], env=self.env, cwd=ROOT,
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
-        wait_until(lambda: self._running(wait_programs), 60, lambda: f"{wait_programs} RUNNING\n{self.log_tail()}")
-        wait_until(self.comfy_answers, 90, lambda: f"ComfyUI answering\n{self.log_tail()}")
-        return self
-
-    def comfy_answers(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.env['COMFY_PORT']}/system_stats", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def rpc(self) -> Any:
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.env['SPOOL_DIR']}/run/supervisor.sock")
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-
-    def info(self) -> dict[str, dict[str, Any]]:
-        try:
-            return {p["name"]: p for p in self.rpc().supervisor.getAllProcessInfo()}
-        except (OSError, xmlrpc.client.Fault):
-            return {}
-
-    def _running(self, programs: tuple[str, ...]) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"selfix up exited with {self.proc.returncode}\n{self.log_tail()}")
-        info = self.info()
-        fatal = [p for p in programs if info.get(p, {}).get("statename") == "FATAL"]
-        if fatal:
-            raise AssertionError(f"programs {fatal} FATAL\n{self.log_tail()}")
-        return all(info.get(p, {}).get("statename") == "RUNNING" for p in programs)
-
-    def pid(self, program: str) -> int:
-        return int(self.info()[program]["pid"])
-
-    def kill(self, program: str, sig: int = signal.SIGKILL) -> int:
-        """Kill one program for real; returns the old pid. supervisord restarts it (autorestart)."""
-        pid = self.pid(program)
-        os.kill(pid, sig)
-        return pid
-
-    def wait_restarted(self, program: str, old_pid: int, timeout: float = 30) -> int:
-        def restarted() -> int | None:
-            info = self.info().get(program, {})
-            ok = info.get("statename") == "RUNNING" and info.get("pid") not in (0, old_pid)
-            return int(info["pid"]) if ok else None
-
-        return int(wait_until(restarted, timeout, f"{program} restarted"))
-
-    def drop(self, name: str, message: dict[str, Any] | bytes) -> Path:
-        """Drop a job file into inbox/ the way a person would (write elsewhere, then rename in)."""
-        inbox = Path(self.env["SPOOL_DIR"]) / "inbox"
-        inbox.mkdir(parents=True, exist_ok=True)
-        raw = message if isinstance(message, bytes) else json.dumps(message).encode()
-        tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(raw)
-        target = inbox / name
-        os.rename(tmp, target)
-        return target
-
-    def results(self) -> dict[str, dict[str, Any]]:
-        done = Path(self.env["SPOOL_DIR"]) / "done"
-        out = {}
-        for path in done.glob("*.json") if done.exists() else []:
-            try:
-                out[path.stem] = json.loads(path.read_bytes())
-            except ValueError:
-                continue
-        return out
-
-    def wait_results(self, task_ids: set[str], timeout: float = 120) -> dict[str, dict[str, Any]]:
-        def all_done() -> dict[str, dict[str, Any]] | None:
-            res = self.results()
-            return res if task_ids <= set(res) else None
-
-        def missing() -> str:
-            left = sorted(task_ids - set(self.results()))
-            return f"results of {len(left)} task(s), e.g. {left[:5]}\n{self.log_tail()}"
-
-        return dict(wait_until(all_done, timeout, missing, interval=0.2))
-
-    def executions(self) -> list[str]:
-        return self.exec_log.read_text().split() if self.exec_log.exists() else []
-
-    def log_tail(self, n: int = 60) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
-        return "\n".join(lines[-n:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # supervisord runs each program in a process group of its own: if supervisord has to be killed, they
-        # would outlive it, so remember them and make sure none survives the test.
-        groups = [int(p["pid"]) for p in self.info().values() if p.get("pid")]
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+__all__ = ["PROGRAMS", "ROOT", "ComfyDouble", "Double", "Node", "double_command", "free_port", "t2i_workflow",
+           "task", "wait_until", "write_safetensors"]
 
 
 @pytest.fixture
@@ -248,53 +45,6 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield factory
     for node in nodes:
         node.stop()
-
-
-class Double:
-    """The ComfyUI double as a plain subprocess, for tests of one process against it."""
-
-    def __init__(self, root: Path, seconds_per_step: float = 0.0) -> None:
-        self.root = root
-        self.port = free_port()
-        self.exec_log = root / "exec.log"
-        self.dirs = {k: root / k for k in ("output", "input", "models", "temp")}
-        for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        write_safetensors(self.dirs["models"] / "checkpoints" / "tiny.safetensors")
-        self.seconds_per_step = seconds_per_step
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Double:
-        argv = [sys.executable, "-m", "selfix.testing.fake_comfyui", "--listen", "127.0.0.1", "--port", str(self.port),
-                "--output-dir", str(self.dirs["output"]), "--input-dir", str(self.dirs["input"]),
-                "--models-dir", str(self.dirs["models"]), "--temp-dir", str(self.dirs["temp"]),
-                "--exec-log", str(self.exec_log), "--seconds-per-step", str(self.seconds_per_step)]
-        self.proc = subprocess.Popen(argv, stdout=open(self.root / "double.log", "ab"),  # noqa: SIM115
-                                     stderr=subprocess.STDOUT)
-        wait_until(self.answers, 30, "ComfyUI double answering")
-        return self
-
-    def answers(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.url + "/system_stats", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
