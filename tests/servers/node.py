@@ -209,6 +209,7 @@ class Node:
         write_safetensors(Path(self.env["MODELS_DIR"]) / "checkpoints" / "tiny.safetensors")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = root / "node.log"
+        self.groups: set[int] = set()  # process groups of every program pid seen (each program leads its own)
 
     @property
     def spool(self) -> Any:
@@ -243,9 +244,11 @@ class Node:
 
     def info(self) -> dict[str, dict[str, Any]]:
         try:
-            return {p["name"]: p for p in self.rpc().supervisor.getAllProcessInfo()}
+            info = {p["name"]: p for p in self.rpc().supervisor.getAllProcessInfo()}
         except (OSError, xmlrpc.client.Fault):
             return {}
+        self.groups.update(int(p["pid"]) for p in info.values() if p.get("pid"))
+        return info
 
     def _running(self, programs: tuple[str, ...]) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -313,17 +316,34 @@ class Node:
         return "\n".join(lines[-n:])
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # supervisord runs each program in a process group of its own: if supervisord has to be killed, they
-        # would outlive it, so remember them and make sure none survives the test.
-        groups = [int(p["pid"]) for p in self.info().values() if p.get("pid")]
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        for group in groups:
+        """SIGTERM to `selfix up` (supervisord drains the programs); then SIGKILL to every process group of a
+        program ever seen, so nothing outlives the test even where supervisord was killed (a test that kills it,
+        or a parent-death signal that did not work)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.info()
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        for pid in self.leftovers():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+
+    def leftovers(self) -> list[int]:
+        """Live processes in a program's process group that carry this node's SPOOL_DIR (a pid number reused by
+        an unrelated process since is left alone)."""
+        mark = f"SPOOL_DIR={self.env['SPOOL_DIR']}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) in self.groups and fields[0] != "Z" and \
+                        mark in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
