@@ -50,7 +50,8 @@ EXIT_CODES = (
     (EXIT_OK, "ok", "stopped by SIGTERM/SIGINT after draining"),
     (EXIT_ERROR, "error", "an unexpected error (logged with its traceback); supervisord restarts the program"),
     (EXIT_UNAVAILABLE, "unavailable", "a dependency refuses us for good (e.g. wrong `KAFKA_SASL_*`); FATAL"),
-    (EXIT_IN_USE, "in use", "`selfix up` only: another node, or orphans of a dead one, hold the spool"),
+    (EXIT_IN_USE, "in use", "another node or its orphans hold the spool (`selfix up`), or another instance of the "
+                            "program does"),
     (EXIT_CONFIG, "config", "a bad setting (the message names the variable); FATAL"),
     (EXIT_ABORTED, "aborted", "a second SIGTERM/SIGINT before the drain finished"),
 )
@@ -158,6 +159,21 @@ def hold_programs_lock(spool: Spool, *, inheritable: bool = False) -> int:
     fd = _open_lock(spool.run / PROGRAMS_LOCK)
     fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a `selfix up` checks for orphans (a moment)
     os.set_inheritable(fd, inheritable)
+    return fd
+
+
+def hold_program_lock(spool: Spool, process: str) -> int:
+    """Take run/<process>.lock exclusively for the life of the process, or raise SpoolInUse naming the pid that
+    holds it: one runner, one uploader, one consumer, one watchdog per spool, however they were started (a second
+    uploader would publish the same outbox/ twice)."""
+    path = spool.run / f"{process}.lock"
+    fd = _open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolInUse(f"another {process} works on spool {spool.root}: pid {_show_pids(lock_holders(path))} "
+                         f"holds {path}") from None
     return fd
 
 
@@ -339,6 +355,7 @@ def start(process: str) -> Program:
     settings = boot(process)
     spool = Spool(settings.spool_dir).ensure()
     hold_programs_lock(spool)
+    hold_program_lock(spool, process)
     stats.configure(spool, process)
     if not armed:
         logger.warning("no parent-death signal on this platform; watching the parent pid {} instead", parent)
@@ -353,29 +370,35 @@ def _finish(program: Program, code: int) -> int:
     return code
 
 
-def _failed(program: Program | None, exc: BaseException) -> int:
+def _failed(name: str, exc: BaseException) -> int:
     code = exit_code_for(exc)
     if code == EXIT_ERROR:
-        logger.opt(exception=exc).error("{} failed", program.name if program else "program")
+        logger.opt(exception=exc).error("{} failed", name)
     elif not isinstance(exc, SystemExit):
-        logger.error("{}: {}", program.name if program else "program", exc)
+        logger.error("{}: {}; exiting with {}", name, exc, code)
     return code
 
 
 def run(process: str, body: Callable[[Program], int]) -> int:
     """Boot `process`, install the stop flags, run `body` and map how it ended to the exit code."""
-    program = start(process)
+    try:
+        program = start(process)
+    except Exception as exc:  # noqa: BLE001 - e.g. SpoolInUse: the same map of exceptions to exit codes
+        return _failed(process, exc)
     program.flags.install()
     try:
         code = body(program)
     except BaseException as exc:  # noqa: BLE001 - the one place an exception becomes an exit code
-        return _failed(program, exc)
+        return _failed(program.name, exc)
     return _finish(program, code)
 
 
 def run_async(process: str, body: Callable[[Program], Awaitable[int]]) -> int:
     """run() for asyncio programs: the stop flags are set from the loop (add_signal_handler)."""
-    program = start(process)
+    try:
+        program = start(process)
+    except Exception as exc:  # noqa: BLE001 - e.g. SpoolInUse: the same map of exceptions to exit codes
+        return _failed(process, exc)
 
     async def main() -> int:
         program.flags.install_async()
@@ -384,5 +407,5 @@ def run_async(process: str, body: Callable[[Program], Awaitable[int]]) -> int:
     try:
         code = asyncio.run(main())
     except BaseException as exc:  # noqa: BLE001 - the one place an exception becomes an exit code
-        return _failed(program, exc)
+        return _failed(program.name, exc)
     return _finish(program, code)
