@@ -82,7 +82,8 @@ def test_heartbeat_touches_the_file_at_most_once_a_second(tmp_path: Path) -> Non
 @pytest.fixture
 def program_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     double = Double(tmp_path / "double", seconds_per_step=0.2).start()
-    env = {**os.environ, "SPOOL_DIR": str(tmp_path / "spool"), "STORE_DIR": str(tmp_path / "store"),
+    env = {**os.environ, "SELFIX_HOME": str(tmp_path / "home"), "SPOOL_DIR": str(tmp_path / "spool"),
+           "STORE_DIR": str(tmp_path / "store"),
            "MODELS_DIR": str(double.dirs["models"]), "TEMP_DIR": str(tmp_path / "temp"),
            "LORA_CACHE_DIR": str(tmp_path / "loras"), "COMFY_OUTPUT_DIR": str(double.dirs["output"]),
            "COMFY_INPUT_DIR": str(double.dirs["input"]), "COMFY_PORT": str(double.port),
