@@ -257,19 +257,24 @@ class StopFlags:
         self.stopping = threading.Event()
         self.abort = threading.Event()
         self.heartbeat = heartbeat
-        self.received: list[int] = []  # signal numbers, in order; appended by on_signal only
+        self.received: list[int] = []  # stop signals in order: appended by the handler (a list append, no lock)
+        self._woken = 0  # stop signals the wakeup-fd thread has seen
         self._logged = 0
-        self._wakeup: tuple[int, int] | None = None
+
+    @property
+    def aborted(self) -> bool:
+        """A second stop signal arrived, whichever path (handler or wakeup thread) counted it first."""
+        return self.abort.is_set() or len(self.received) >= 2
 
     def install(self) -> StopFlags:
-        """For threaded programs: the C-level handler writes the signal number to a pipe (set_wakeup_fd) and a
-        thread turns it into flags, so no Python code runs inside the handler (an Event.set() there could
-        deadlock on the lock of an Event.wait() it interrupted)."""
+        """For threaded programs. The handler only appends the signal number; the C-level part of it also writes
+        the number to a pipe (set_wakeup_fd), and a thread turns that into the Events. An Event.set() inside the
+        handler could deadlock on the lock of the Event.wait() it interrupted; and the thread sets the Events at
+        once even while the main thread sits in C code (a Kafka poll), where the handler itself runs later."""
         r, w = os.pipe()
         os.set_blocking(w, False)
-        self._wakeup = (r, w)
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _no_op)
+            signal.signal(sig, self._handle)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         threading.Thread(target=self._read_signals, args=(r,), name="signals", daemon=True).start()
         return self
@@ -281,6 +286,9 @@ class StopFlags:
             loop.add_signal_handler(sig, self.on_signal, int(sig))
         return self
 
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+
     def _read_signals(self, fd: int) -> None:
         while True:
             try:
@@ -289,16 +297,19 @@ class StopFlags:
                 return
             if not data:
                 return
-            for signum in data:
-                if signum in STOP_SIGNALS:
-                    self.on_signal(signum)
+            self._woken += sum(1 for signum in data if signum in STOP_SIGNALS)
+            self._set(self._woken)
 
     def on_signal(self, signum: int) -> None:
-        """A stop signal arrived (never called from inside a signal handler)."""
+        """A stop signal, from the event loop (never from inside a signal handler)."""
         self.received.append(signum)
-        if self.stopping.is_set():
+        self._set(len(self.received))
+
+    def _set(self, count: int) -> None:
+        if count >= 1:
+            self.stopping.set()
+        if count >= 2:
             self.abort.set()
-        self.stopping.set()
 
     def beat(self) -> None:
         """Called by every loop: the debounced heartbeat, and a log line for each stop signal since the last."""
@@ -313,11 +324,6 @@ class StopFlags:
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early on a stop request; True when stopping."""
         return self.stopping.wait(seconds)
-
-
-def _no_op(_signum: int, _frame: FrameType | None) -> None:
-    """The Python-level handler of the stop signals: the wakeup fd carries the signal, this only keeps the
-    default action (terminate) from happening."""
 
 
 # --- boot and run -----------------------------------------------------------------------------------------
@@ -363,7 +369,7 @@ def start(process: str) -> Program:
 
 
 def _finish(program: Program, code: int) -> int:
-    if code == EXIT_OK and program.flags.abort.is_set():
+    if code == EXIT_OK and program.flags.aborted:
         code = EXIT_ABORTED  # the same for every program: a second signal is an abort, whatever the loop said
     program.flags.beat()  # logs a signal that came in after the loop's last beat
     logger.info("{} exits with {}", program.name, code)

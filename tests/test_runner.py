@@ -25,7 +25,7 @@ from selfix import outcomes as oc
 from selfix.clock import OffsetClock
 from selfix.comfy import CONTROL_TIMEOUT_S, ComfyClient, QueueState, prompt_id_for
 from selfix.intake import accept, limits_of
-from selfix.process import StopFlags
+from selfix.process import Heartbeat, StopFlags
 from selfix.runner import DEADLINE_TICK_S, Runner
 from selfix.settings import Settings, load
 from selfix.spool import Spool
@@ -51,7 +51,7 @@ class Bench:
         self.settings.store_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(self.settings.spool_dir).ensure()
         self.catalog = Catalog.load()
-        self.flags = StopFlags()
+        self.flags = StopFlags(Heartbeat(self.spool, "runner"))  # as the lifecycle gives the real one
         self.clock = OffsetClock()
 
     def submit(self, task_id: str, workflow: dict[str, Any] | None = None, **kw: Any) -> str:
