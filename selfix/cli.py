@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 
 from selfix import process
 from selfix.messages import strict_loads
-from selfix.process import EXIT_CONFIG, EXIT_IN_USE, SpoolInUse
+from selfix.process import EXIT_CONFIG, EXIT_IN_USE, EXIT_TEMPFAIL, SpoolInUse
 from selfix.settings import (
     CONTAINER_HOME,
     SPECS,
@@ -35,7 +35,6 @@ NODE_RECORD = "node.json"  # run/node.json: the variables `selfix up` was starte
 MASK = "***"
 LOCATORS = ("SPOOL_DIR", "SELFIX_HOME")  # the variables that say which node a command acts on
 SECRETS = frozenset(spec.env for spec in SPECS if spec.secret)
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the spool's disk is full, try again later
 
 
 def _settings() -> Settings:

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_ERROR = 1  # anything else: supervisord restarts the program
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a dependency (Kafka credentials, ...) refused us; retrying won't help
-EXIT_IN_USE = 75  # EX_TEMPFAIL: `selfix up` found the spool held by a live node or its orphans; try again later
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later (the spool is held by another node, or its disk is full)
+EXIT_IN_USE = EXIT_TEMPFAIL  # `selfix up` or a program found the spool held by a live node, its orphans or a twin
 EXIT_CONFIG = 78  # EX_CONFIG: a bad setting; supervisord must not hammer-restart a misconfigured program
 EXIT_ABORTED = 130  # second SIGTERM/SIGINT: leave now, recovery at the next start picks up the pieces
 
@@ -50,8 +51,8 @@ EXIT_CODES = (
     (EXIT_OK, "ok", "stopped by SIGTERM/SIGINT after draining"),
     (EXIT_ERROR, "error", "an unexpected error (logged with its traceback); supervisord restarts the program"),
     (EXIT_UNAVAILABLE, "unavailable", "a dependency refuses us for good (e.g. wrong `KAFKA_SASL_*`); FATAL"),
-    (EXIT_IN_USE, "in use", "another node or its orphans hold the spool (`selfix up`), or another instance of the "
-                            "program does"),
+    (EXIT_TEMPFAIL, "tempfail", "try again later: another node or its orphans hold the spool (`selfix up`), another "
+                                "instance of the program does, or the spool's disk is full (`selfix submit`)"),
     (EXIT_CONFIG, "config", "a bad setting (the message names the variable); FATAL"),
     (EXIT_ABORTED, "aborted", "a second SIGTERM/SIGINT before the drain finished"),
 )
