@@ -70,6 +70,21 @@ def test_expiry_fields_resolve_to_one_moment_and_deadlines_are_capped() -> None:
     assert deadline_label({"timeoutS": 3}, 600) == "timeoutS=3s" and deadline_label({}, 60) == "JOB_TIMEOUT_S=60s"
 
 
+def test_saved_comfyui_seconds_and_codes_are_counted() -> None:
+    from selfix.metrics import NodeView, make_registry, render
+    from selfix.stats import JobStats
+
+    jobs = JobStats()
+    jobs.count_result({"status": "completed", "metadata": {"generationTime": 10.0}})
+    jobs.count_result({"status": "failed", "error": {"code": "cancelled"}, "metadata": {"ranS": 3.0}})
+    jobs.count_result({"status": "failed", "error": {"code": "expired"}, "metadata": {"ranS": 0}})
+    assert jobs.saved_s == pytest.approx(17.0) and jobs.ran == 2
+    assert JobStats.load(jobs.dump()).saved_s == pytest.approx(17.0)
+    text = render(make_registry(lambda: NodeView(jobs=jobs))).decode()
+    assert 'selfix_jobs_total{code="cancelled",status="failed"} 1.0' in text
+    assert "selfix_control_saved_seconds_total 17.0" in text
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 def comfy(node: Node, path: str) -> Any:
@@ -210,8 +225,9 @@ def test_two_nodes_40_tasks_10_cancels_at_random_moments(kafka_broker: KafkaBrok
                                                          make_node: Callable[..., Node]) -> None:
     rng = random.Random(11)
     topics = Topics(kafka_broker)
-    a = make_node("a", seconds_per_step=0.05, env=topics.env()).start()
-    b = make_node("b", seconds_per_step=0.05, env=topics.env()).start()
+    env = topics.env(KAFKA_STATUS_EVENTS="true")
+    a = make_node("a", seconds_per_step=0.05, env=env).start()
+    b = make_node("b", seconds_per_step=0.05, env=env).start()
     ids = [f"ct-{i:02d}" for i in range(40)]
     doomed = rng.sample(ids, 10)
     early, later = doomed[:3], doomed[3:]
@@ -230,7 +246,8 @@ def test_two_nodes_40_tasks_10_cancels_at_random_moments(kafka_broker: KafkaBrok
     wait_until(lambda: set(ids) <= set(all_results(nodes)), 120,
                lambda: f"all results; missing {sorted(set(ids) - set(all_results(nodes)))[:5]}")
     results = all_results(nodes)
-    published = results_of(read_topic(kafka_broker, topics.output, min_count=len(ids)))
+    records = read_topic(kafka_broker, topics.output, min_count=len(ids))
+    published = results_of(records)
     lost = set(ids) - {r["taskId"] for r in published}  # a cancelled task's failed result counts: it was answered
     assert lost == set() and {r["taskId"] for r in published} <= set(ids)
     for t in ids:
@@ -248,6 +265,8 @@ def test_two_nodes_40_tasks_10_cancels_at_random_moments(kafka_broker: KafkaBrok
     assert logs.count("control ") >= 4 and "skipped: not JSON" in logs and "unknown action" in logs
     assert "bytes; a control message is at most" in logs and "cancel refused" in logs
     cancelled = [t for t in doomed if code(results[t]) == "cancelled"]
+    events = {r.json()["taskId"] for r in records if r.headers.get("selfix-event") == b"cancelled"}
+    assert events == set(cancelled)
     print(f"\ncancel fleet: {len(cancelled)}/10 cancelled, {10 - len(cancelled)} finished first, lost 0")
 
 
