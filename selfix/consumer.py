@@ -185,9 +185,10 @@ class KafkaIntake:
         if not self.tracker.received(tp, offset):
             return  # re-delivery of an offset this session already handled
         raw = msg.value() or b""
-        source = {"topic": tp[0], "partition": tp[1], "offset": offset, "timestamp": max(0, msg.timestamp()[1]) / 1000}
+        source = {"topic": tp[0], "partition": tp[1], "offset": offset}
         try:
-            outcome = accept(self.spool, raw, self.limits, self.catalog, source)
+            outcome = accept(self.spool, raw, self.limits, self.catalog, source,
+                             sent_at=max(0, msg.timestamp()[1]) / 1000 or None)  # ttlS counts from here
         except OSError as exc:
             full = disk_full_error(exc)
             if full is None:

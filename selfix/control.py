@@ -134,7 +134,8 @@ def refusal(spool: Spool, job: dict[str, Any], now: float | None = None) -> m.Ta
     """Why this not-yet-started job must not run (a matching tombstone, or its expiry), or None. At intake and
     when the runner claims it. A tombstone of another user is refused here, once, and logged."""
     record = spool.read_cancel(str(job["taskId"]))
-    if record is not None and not record.get("handled"):
+    # "interrupted": the runner died before it wrote the cancelled result, and the retry must not run it again
+    if record is not None and record.get("handled") in (None, "interrupted"):
         if user_matches(record, job):
             _mark(spool, record, "cancelled before it ran")
             return cancel_error(record, "waiting to run")

@@ -33,7 +33,7 @@ def limits_of(settings: Settings) -> Limits:
 
 
 def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
-           source: dict[str, Any] | None = None) -> Outcome:
+           source: dict[str, Any] | None = None, sent_at: float | None = None) -> Outcome:
     """Validate `raw` and put it in the spool: a job in inbox/, or a failed result in outbox/.
 
     A taskId already known on this node (any state, done/ included) is a duplicate and changes nothing, so a
@@ -53,7 +53,7 @@ def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
     state = spool.state_of(task.task_id)
     if state:
         return Outcome("duplicate", task.task_id, f"already {state}")
-    job = task.to_job(source=source)
+    job = task.to_job(source=source, sent_at=sent_at)
     refused = control.refusal(spool, job)  # a cancel that came first, or already expired
     if refused is not None:
         spool.write_result(failed_result(task.task_id, task.user_id, refused, {"attempts": 0, "source": source}))

@@ -117,14 +117,15 @@ class Task:
     output: dict[str, Any] | None = None
     control: dict[str, float] = field(default_factory=dict)  # timeoutS / expiresAt / ttlS as given
 
-    def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+    def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None,
+               sent_at: float | None = None) -> dict[str, Any]:
         """The job file's content: everything the runner needs, with its own bookkeeping fields."""
         stamp = time.time() if now is None else now
         return {
             "taskId": self.task_id, "userId": self.user_id, "priority": self.priority,
             "workflow": self.workflow, "loraModels": list(self.lora_models), "images": dict(self.images),
             "template": self.template, "output": self.output, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0,
-            "source": source, **job_control_fields(self.control, (source or {}).get("timestamp") or stamp),
+            "source": source, **job_control_fields(self.control, sent_at or stamp),  # sent_at: Kafka timestamp
         }
 
 

@@ -280,6 +280,14 @@ def test_cancel_to_interrupt_latency_on_the_double(kafka_broker: KafkaBroker,
     producer = Producer(kafka_broker.client_config("none", **{"linger.ms": 0}))  # warm: its metadata is fetched
     producer.produce(topics.control, b'{"action": "cancel", "taskId": "warm-up", "userId": "u1"}')
     assert producer.flush(10) == 0
+    # ttlS counts from the message's timestamp, not from when the node read it: sent 120 s ago with 60 s to live
+    old_ms = int((time.time() - 120) * 1000)
+    for t, ttl in (("old-60", 60), ("old-600", 600)):
+        producer.produce(topics.input, json.dumps(task(t, ttlS=ttl)).encode(), t, timestamp=old_ms)
+    assert producer.flush(10) == 0
+    aged = node.wait_results({"old-60", "old-600"}, 30)
+    assert code(aged["old-60"]) == "expired" and code(aged["old-600"]) == "completed"
+    assert not executed(node, "old-60")
     waits = []
     for i in range(15):
         t = f"lat-{i:02d}"
@@ -295,7 +303,7 @@ def test_cancel_to_interrupt_latency_on_the_double(kafka_broker: KafkaBroker,
         waits.append(hit[0] - sent)
         node.wait_results({t}, 30)
     producer.flush(5)
-    assert all(code(r) == "cancelled" for r in node.results().values())
+    assert all(code(r) == "cancelled" for t, r in node.results().items() if t.startswith("lat-"))
     ordered = sorted(waits)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     print(f"\ncancel produced -> interrupt at ComfyUI: p50 {statistics.median(waits) * 1000:.0f} ms, "
