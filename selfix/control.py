@@ -107,8 +107,8 @@ def parse_control(raw: bytes) -> ControlRequest:
     if len(raw) > CONTROL_MAX_BYTES:
         raise ControlRejected(f"value is {len(raw)} bytes; a control message is at most {CONTROL_MAX_BYTES}")
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        obj = m.strict_loads(raw)  # the same strict JSON as tasks: a cancel that says two things is refused
+    except ValueError as exc:
         raise ControlRejected(f"not JSON: {str(exc)[:80]}") from None
     if not isinstance(obj, dict):
         raise ControlRejected(f"must be a JSON object, got {type(obj).__name__}")
