@@ -111,6 +111,17 @@ def cancel_cli(node: Node, *task_ids: str, user: str | None = None) -> str:
     return out.stdout
 
 
+def png_data_url() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def executed(node: Node, task_id: str) -> bool:
     return prompt_id_for(task_id, 1) in node.executions()
 
@@ -125,8 +136,10 @@ def test_cancel_in_each_state_offline(make_node: Callable[..., Node]) -> None:
     node.drop("early.json", task("early"))
     node.drop("done-1.json", task("done-1"))
     node.wait_results({"early", "done-1"}, 60)
-    node.drop("run-1.json", task("run-1", steps=200))  # 20 s: running when cancelled
+    node.drop("run-1.json", task("run-1", steps=200, images={"pose.png": png_data_url()}))  # 20 s of work
     wait_until(lambda: processing(node, "run-1").get("startedAt"), 30, "run-1 running")
+    inputs = Path(node.env["COMFY_INPUT_DIR"]) / "selfix"
+    assert list(inputs.glob("run-1*")), "run-1's input image in ComfyUI's input folder"
     node.drop("queued-1.json", task("queued-1", steps=2))  # queued in ComfyUI behind run-1 (QUEUE_AHEAD=1)
     wait_until(lambda: processing(node, "queued-1").get("state") == "submitted", 30, "queued-1 in ComfyUI")
     node.drop("inbox-1.json", task("inbox-1"))
@@ -152,7 +165,7 @@ def test_cancel_in_each_state_offline(make_node: Callable[..., Node]) -> None:
     assert [i[1] for i in interrupts] == [prompt_id_for("run-1", 1)], interrupts  # that prompt only, once
     log = node.log_path.read_text()
     assert "result stands" in log and "cancel refused" in log
-    assert not list((Path(node.env["COMFY_INPUT_DIR"]) / "selfix").glob("run-1*"))
+    assert not list(inputs.glob("run-1*")), "the cancelled task's input files were left behind"
     assert node.spool.counts()["processing"] == 0
 
 
