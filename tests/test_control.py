@@ -85,6 +85,28 @@ def test_saved_comfyui_seconds_and_codes_are_counted() -> None:
     assert "selfix_control_saved_seconds_total 17.0" in text
 
 
+def test_tombstones_first_request_stands_marked_and_pruned(tmp_path: Path) -> None:
+    import os
+
+    from selfix.cli import _cancel_requests
+    from selfix.control import refusal, request_cancel
+    from selfix.spool import Spool
+
+    spool = Spool(tmp_path / "spool").ensure()
+    assert request_cancel(spool, "t-1", "u1", "kafka") and not request_cancel(spool, "t-1", "u2", "cli")
+    assert request_cancel(spool, "t-2", "u9", "kafka")
+    assert spool.read_cancel("t-1")["userId"] == "u1" and spool.cancel_ids() == ["t-1", "t-2"]
+    job = {"taskId": "t-2", "userId": "u1", "enqueuedAt": 0}
+    assert refusal(spool, job) is None  # another user's cancel: refused, marked, the task runs
+    error = refusal(spool, {**job, "taskId": "t-1"})
+    assert error is not None and error.code == "cancelled"
+    assert _cancel_requests(spool) == {"pending": 0, "handled": 2}
+    assert refusal(spool, {**job, "taskId": "t-1"}) is None  # applied once
+    old = time.time() - 7200
+    os.utime(spool.cancel_path("t-1"), (old, old))
+    assert spool.prune_cancels(3600) == 1 and spool.cancel_ids() == ["t-2"]
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 def comfy(node: Node, path: str) -> Any:
