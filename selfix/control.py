@@ -157,7 +157,7 @@ def _refuse(spool: Spool, record: dict[str, Any], job: dict[str, Any]) -> None:
 # --- runner side ----------------------------------------------------------------------------------------------
 
 class RunnerControl:
-    """The runner's part: called from Runner.start (refuse), Runner.settle (tick) and Runner.conclude."""
+    """The runner's part: called from Runner.start (refuse), Runner.settle (tick) and Runner.collect (judge, fail)."""
 
     def __init__(self, runner: Runner) -> None:
         self.r = runner
@@ -269,10 +269,11 @@ class RunnerControl:
                 withdrawn = await self.withdraw(inf, cancel_error(record, "queued in ComfyUI"))
                 if withdrawn is not None:
                     return withdrawn
-            inf.cancelled_by = cancel_error(record, "running")
+            inf.cancelled_by = cancel_error(record, "running")  # before the POST: the prompt may end at once
             inf.log().info("cancel: interrupting prompt {} (only that prompt)", inf.prompt_id)
             await self.r.client.interrupt(inf.prompt_id)
         except ComfyUnavailable as exc:
+            inf.cancelled_by = None  # sent again on the next tick
             inf.log().warning("cancel postponed, ComfyUI did not answer: {}", exc)
             return "retry"
         return "interrupted"
