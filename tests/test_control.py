@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from selfix.messages import TaskError, job_control_fields, parse_control_fields
 from tests.servers.kafka_broker import KafkaBroker
 from tests.servers.kafka_tools import committed, end_offsets, produce, read_topic, results_of
 from tests.servers.node_plugin import Node, task, wait_until
+from tests.test_runner import Bench, until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,3 +344,35 @@ def test_cancel_to_interrupt_latency_on_the_double(kafka_broker: KafkaBroker,
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     print(f"\ncancel produced -> interrupt at ComfyUI: p50 {statistics.median(waits) * 1000:.0f} ms, "
           f"p95 {p95 * 1000:.0f} ms, max {max(waits) * 1000:.0f} ms (n={len(waits)})")
+
+
+# --------------------------------------------------------------------------------------------- in-process runner
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    from tests.servers.node_plugin import Double
+
+    (tmp_path / "double").mkdir()
+    double = Double(tmp_path / "double", seconds_per_step=0.1).start()
+    yield Bench(tmp_path, double)
+    double.stop()
+
+
+async def test_a_runner_killed_after_the_cancel_interrupt_does_not_run_the_task_again(bench: Bench) -> None:
+    import asyncio
+
+    from selfix.control import request_cancel
+
+    bench.submit("long", steps=100)
+    async with bench.runner() as first:
+        run = asyncio.create_task(first.run())
+        await until(lambda: (bench.processing("long") or {}).get("startedAt"), 10, "the job started")
+        request_cancel(bench.spool, "long", "u1", "cli")
+        await until(lambda: (bench.spool.read_cancel("long") or {}).get("handled") == "interrupted", 10,
+                    "the interrupt sent")
+        run.cancel()  # dies before it saw the prompt end: the next runner finds it interrupted in /history
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    await bench.burst()
+    assert code(bench.result("long")) == "cancelled"
+    assert bench.executions() == [prompt_id_for("long", 1)], "no second attempt ran"
