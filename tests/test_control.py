@@ -308,6 +308,29 @@ def test_two_nodes_40_tasks_10_cancels_at_random_moments(kafka_broker: KafkaBrok
 
 @pytest.mark.kafka
 @pytest.mark.e2e
+def test_tasks_redelivered_after_their_ttl_end_expired_on_the_new_owner(kafka_broker: KafkaBroker,
+                                                                        make_node: Callable[..., Node]) -> None:
+    """Node a holds 10 tasks (ttlS 4) behind a 6 s job and leaves the group; node b gets them again from Kafka after
+    their time to live: expired at b's intake (ttlS counts from the message's timestamp), run by neither node."""
+    topics = Topics(kafka_broker, partitions=2)
+    a = make_node("a", seconds_per_step=0.1, env=topics.env(QUEUE_AHEAD="0", KAFKA_MAX_INFLIGHT="32")).start()
+    produce(kafka_broker, topics.input, [task("blocker", steps=60)])
+    wait_until(lambda: processing(a, "blocker").get("startedAt"), 30, "blocker running on a")
+    short = [f"rd-{i:02d}" for i in range(10)]
+    produced = time.time()
+    produce(kafka_broker, topics.input, [task(t, ttlS=4) for t in short])
+    wait_until(lambda: all(a.spool.state_of(t) == "inbox" for t in short), 30, "the short tasks in a's inbox/")
+    wait_until(lambda: time.time() > produced + 4, 10, "their ttl over")
+    a.stop()  # leaves the group: not-started jobs withdrawn, their offsets not committed
+    b = make_node("b", seconds_per_step=0.1, env=topics.env()).start()
+    results = b.wait_results(set(short), 60)
+    assert {t: code(r) for t, r in results.items()} == {t: "expired" for t in short}
+    assert not [t for t in short if executed(a, t) or executed(b, t)]
+    assert "expired at intake" in b.log_path.read_text()
+
+
+@pytest.mark.kafka
+@pytest.mark.e2e
 def test_cancel_to_interrupt_latency_on_the_double(kafka_broker: KafkaBroker,
                                                    make_node: Callable[..., Node]) -> None:
     """Control message produced → POST /interrupt at ComfyUI, for running tasks. Prints p50/p95."""
