@@ -446,6 +446,24 @@ def _print_result(settings: Settings, result: dict[str, Any], stream: TextIO) ->
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Offline cancel: a tombstone per taskId in the spool; the runner applies it (selfix/control.py)."""
+    from selfix.control import request_cancel
+    from selfix.spool import valid_task_id
+
+    spool = Spool(_settings().spool_dir).ensure()
+    worst = 0
+    for task_id in args.task_ids:
+        if not valid_task_id(task_id):
+            print(f"{task_id[:80]!r}: not a taskId ([A-Za-z0-9._-]{{1,128}})")
+            worst = 2
+            continue
+        state = spool.state_of(task_id) or "not on this node (remembered for CANCEL_RETENTION_H)"
+        fresh = request_cancel(spool, task_id, args.user_id, "cli")
+        print(f"{task_id}: {'cancel requested' if fresh else 'already requested'}; now {state}")
+    return worst
+
+
 # --- status --------------------------------------------------------------------------------------------
 
 def status_snapshot(settings: Settings) -> dict[str, Any]:
@@ -491,8 +509,18 @@ def status_snapshot(settings: Settings) -> dict[str, Any]:
     return {"counts": spool.counts(), "running": running, "recentFailures": failures[:5], "programs": programs,
             "unresolved": {"count": len(unresolved), "afterS": settings.unresolved_after_s,
                            "oldest": [{"taskId": t, "ageS": round(age)} for t, age in unresolved[:5]]},
-            "watchdog": watchdog,
+            "watchdog": watchdog, "cancelRequests": _cancel_requests(spool),
             "heartbeatAgeS": {k: (round(v, 1) if v is not None else None) for k, v in heartbeats.items()}}
+
+
+def _cancel_requests(spool: Spool) -> dict[str, int]:
+    """Tombstones kept in cancel/: still waiting for their task (pending) or applied (handled)."""
+    pending = handled = 0
+    for task_id in spool.cancel_ids():
+        record = spool.read_cancel(task_id) or {}
+        handled += bool(record.get("handled"))
+        pending += not record.get("handled")
+    return {"pending": pending, "handled": handled}
 
 
 def _bar(progress: dict[str, Any] | None, width: int = 30) -> str:
@@ -582,6 +610,9 @@ def render_status(snap: dict[str, Any]) -> str:
         where = f" node {node}" if node else ""
         lines.append(f"  {job['state'] or '-':<10} {job['taskId']} attempt {job['attempt']}{elapsed} "
                      f"{_bar(job['progress'])}{where}".rstrip())
+    cancels = snap.get("cancelRequests")
+    if cancels and (cancels["pending"] or cancels["handled"]):
+        lines.append(f"cancel requests: {cancels['pending']} waiting for their task, {cancels['handled']} applied")
     beats = "  ".join(f"{k} {'-' if v is None else f'{v:.0f}s'}" for k, v in snap["heartbeatAgeS"].items())
     lines.append(f"heartbeats: {beats}")
     if snap["recentFailures"]:
@@ -808,6 +839,10 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=0.0, help="with --wait: give up after S seconds (exit 3)")
     submit.add_argument("--spool", type=Path, help=spool_help)
     submit.set_defaults(func=cmd_submit)
+    cancel = sub.add_parser("cancel", help="cancel tasks by taskId (queued, running, or not arrived yet)")
+    cancel.add_argument("task_ids", nargs="+", metavar="TASKID")
+    cancel.add_argument("--user-id", help="only if the task is this user's (default: any, as the operator)")
+    cancel.set_defaults(func=cmd_cancel)
     status = sub.add_parser("status", help="spool counts, the running job and its progress, recent failures")
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every N s")

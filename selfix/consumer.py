@@ -34,6 +34,7 @@ from loguru import logger
 
 from selfix import kafka as k
 from selfix.backoff import compute_backoff
+from selfix.control import listener_for
 from selfix.files import DiskFull, disk_full_error
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
 from selfix.messages import Limits, peek_ids, strict_loads
@@ -119,6 +120,7 @@ class KafkaIntake:
         conf = k.consumer_config(settings, overrides={
             "error_cb": self.on_error, "on_commit": self.on_commit, "logger": k.LibrdkafkaLog(), **(overrides or {})})
         self.consumer = Consumer(conf)
+        self.control = listener_for(settings, spool)  # KAFKA_TOPIC_CONTROL, outside the group (control.py)
         logger.info("consumer: Kafka {} topic {} group {}, pause at {} unfinished task(s){}{}",
                     settings.kafka_bootstrap, self.topic, settings.kafka_group_id, settings.kafka_max_inflight,
                     f", DLQ {settings.kafka_topic_dlq}" if settings.kafka_topic_dlq else ", no DLQ (log only)",
@@ -157,6 +159,7 @@ class KafkaIntake:
         if self.sender is not None:
             self.sender.poll(0)
         self.settle()
+        self.control.poll()
         self.retry_dlq()
         if now - self.last_adopt >= ADOPT_EVERY_S or (self.disk.active and self.disk.due()):
             self.last_adopt = now
@@ -184,7 +187,8 @@ class KafkaIntake:
         raw = msg.value() or b""
         source = {"topic": tp[0], "partition": tp[1], "offset": offset}
         try:
-            outcome = accept(self.spool, raw, self.limits, self.catalog, source)
+            outcome = accept(self.spool, raw, self.limits, self.catalog, source,
+                             sent_at=max(0, msg.timestamp()[1]) / 1000 or None)  # ttlS counts from here
         except OSError as exc:
             full = disk_full_error(exc)
             if full is None:
@@ -539,6 +543,7 @@ class KafkaIntake:
                 self.retry_dlq()
             self.settle(force=True)
             self.commit(asynchronous=False)
+        self.control.close()
         if self.sender is not None:
             self.sender.close(0 if self.fatal is not None else 2.0)
         try:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
+from selfix import control
 from selfix.files import is_disk_full
 from selfix.messages import INVALID_MESSAGE, InvalidTask, Limits, Task, failed_result, parse_task, peek_ids
 from selfix.settings import Settings
@@ -27,11 +28,12 @@ class Outcome:
 
 def limits_of(settings: Settings) -> Limits:
     return Limits(settings.max_message_bytes, settings.max_workflow_nodes, settings.max_data_url_bytes,
-                  settings.user_prefix, settings.node_denylist, settings.node_allowlist)
+                  settings.user_prefix, settings.node_denylist, settings.node_allowlist,
+                  max_timeout_s=settings.job_timeout_s)
 
 
 def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
-           source: dict[str, Any] | None = None) -> Outcome:
+           source: dict[str, Any] | None = None, sent_at: float | None = None) -> Outcome:
     """Validate `raw` and put it in the spool: a job in inbox/, or a failed result in outbox/.
 
     A taskId already known on this node (any state, done/ included) is a duplicate and changes nothing, so a
@@ -51,7 +53,13 @@ def accept(spool: Spool, raw: bytes, limits: Limits, catalog: Catalog,
     state = spool.state_of(task.task_id)
     if state:
         return Outcome("duplicate", task.task_id, f"already {state}")
-    spool.enqueue(task.to_job(source=source))
+    job = task.to_job(source=source, sent_at=sent_at)
+    refused = control.refusal(spool, job)  # a cancel that came first, or already expired
+    if refused is not None:
+        spool.write_result(failed_result(task.task_id, task.user_id, refused, {"attempts": 0, "source": source}))
+        logger.bind(task_id=task.task_id).warning("{} at intake: {}", refused.code, refused.message)
+        return Outcome("failed", task.task_id, f"{refused.code}: {refused.message}")
+    spool.enqueue(job)
     logger.bind(task_id=task.task_id).info("accepted (priority {})", task.priority)
     return Outcome("accepted", task.task_id, priority=task.priority)
 

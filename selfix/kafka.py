@@ -596,6 +596,9 @@ class ResultPublisher:
             error = MessageRejected if is_rejection(delivery.error) and not again else PublishError
             raise error(self.sender.describe(delivery.error))
         self.rejected.discard(task_id)
+        code = (result.get("error") or {}).get("code")
+        if self.watcher is not None and code in ("cancelled", "expired"):  # status events on: say it as an event too
+            self.emit(str(code), task_id, result.get("userId"), message=result["error"].get("message"))
 
     def dead_letter(self, result: dict[str, Any], reason: str) -> None:
         """The failed result of a task whose result the output topic refuses, to KAFKA_TOPIC_DLQ (if set)."""

@@ -97,6 +97,7 @@ class Limits:
     user_prefix: str = "users/{userId}/"
     node_deny: frozenset[str] = DEFAULT_NODE_DENYLIST  # NODE_DENYLIST
     node_allow: frozenset[str] = frozenset()  # empty: no allowlist
+    max_timeout_s: float = 600.0  # JOB_TIMEOUT_S: the cap of a task's own timeoutS
 
     def prefix(self, user_id: str) -> str:
         return self.user_prefix.replace("{userId}", user_id)
@@ -114,15 +115,17 @@ class Task:
     images: dict[str, str] = field(default_factory=dict)
     template: str | None = None
     output: dict[str, Any] | None = None
+    control: dict[str, float] = field(default_factory=dict)  # timeoutS / expiresAt / ttlS as given
 
-    def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
+    def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None,
+               sent_at: float | None = None) -> dict[str, Any]:
         """The job file's content: everything the runner needs, with its own bookkeeping fields."""
         stamp = time.time() if now is None else now
         return {
             "taskId": self.task_id, "userId": self.user_id, "priority": self.priority,
             "workflow": self.workflow, "loraModels": list(self.lora_models), "images": dict(self.images),
             "template": self.template, "output": self.output, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0,
-            "source": source,
+            "source": source, **job_control_fields(self.control, sent_at or stamp),  # sent_at: Kafka timestamp
         }
 
 
@@ -282,7 +285,8 @@ def _build_task(obj: dict[str, Any], task_id: str, user_id: str, limits: Limits,
     validate_workflow(workflow, limits.max_workflow_nodes)
     check_names(workflow, task_id, user_id, loras, images, limits)
     check_loras_used(workflow, loras)
-    return Task(task_id, user_id, workflow, tuple(loras), priority, images, template, output)
+    control = parse_control_fields(obj, limits.max_timeout_s)
+    return Task(task_id, user_id, workflow, tuple(loras), priority, images, template, output, control)
 
 
 def _workflow_of(obj: dict[str, Any], loras: list[str], templates: Any) -> tuple[dict[str, Any], str | None]:
@@ -491,6 +495,38 @@ def redact_node_errors(node_errors: Any) -> Any:
                     err["extra_info"] = {**err["extra_info"], "input_config": None}
             errors.append(err)
         out[node_id] = {**entry, "errors": errors}
+    return out
+
+
+# --- task control: per-task deadline and expiry (docs: README "Task control") ---------------------------------
+
+def _positive_number(obj: dict[str, Any], name: str) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e12:
+        raise TaskError(INVALID_MESSAGE, f"{name} must be a positive number of seconds, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def parse_control_fields(obj: dict[str, Any], max_timeout_s: float) -> dict[str, float]:
+    """timeoutS (capped by JOB_TIMEOUT_S: a larger one is refused, not silently cut), expiresAt, ttlS."""
+    fields = {name: v for name in ("timeoutS", "expiresAt", "ttlS") if (v := _positive_number(obj, name)) is not None}
+    if fields.get("timeoutS", 0) > max_timeout_s:
+        raise TaskError(INVALID_MESSAGE, f"timeoutS={fields['timeoutS']:g} is above the cap JOB_TIMEOUT_S="
+                                         f"{max_timeout_s:g}; send at most {max_timeout_s:g}")
+    return fields
+
+
+def job_control_fields(control: dict[str, float], base_s: float) -> dict[str, float]:
+    """What the job file carries: timeoutS, and one absolute expiresAt (ttlS counts from `base_s`: the Kafka
+    message's timestamp, or the time of acceptance; with both, the earlier moment wins)."""
+    out = {"timeoutS": control["timeoutS"]} if "timeoutS" in control else {}
+    ends = [control["expiresAt"]] if "expiresAt" in control else []
+    if "ttlS" in control:
+        ends.append(float(base_s) + control["ttlS"])
+    if ends:
+        out["expiresAt"] = min(ends)
     return out
 
 

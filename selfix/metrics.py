@@ -49,6 +49,9 @@ CATALOGUE: tuple[MetricDoc, ...] = (
     M("selfix_job_generation_seconds", "histogram", (),
       "Time inside ComfyUI of completed jobs, from its execution timestamps (metadata.generationTime)."),
     M("selfix_job_queue_seconds", "histogram", (), "Task enqueued to execution start (metadata.queueTime)."),
+    M("selfix_control_saved_seconds_total", "counter", (),
+      "ComfyUI seconds that cancelled and expired tasks did not use (estimate: this node's mean generation time "
+      "per such task, less what it had run before the interrupt)."),
     M("selfix_job_retries_total", "counter", ("code",),
       "Jobs the runner sent back to inbox/ for another attempt, by the error that caused it."),
     M("selfix_spool_jobs", "gauge", ("state",), "Entries per spool state (inbox, processing, outbox, done, corrupt, "
@@ -157,6 +160,7 @@ class SelfixCollector(Collector):
                            ("queue", "selfix_job_queue_seconds")):
             h = v.jobs.hists[hist]
             yield HistogramMetricFamily(name, BY_NAME[name].help, buckets=h.cumulative(), sum_value=h.total)
+        yield _gauge(fam("selfix_control_saved_seconds_total"), v.jobs.saved_s)
         retries = fam("selfix_job_retries_total")
         for code, count in sorted(_labelled(v.counters, "job_retries", "code").items()):
             retries.add_metric([code], count)

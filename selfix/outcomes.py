@@ -41,8 +41,9 @@ class Slot:
     cancelling: bool = False
 
 
-def judge(entry: dict[str, Any], timed_out: bool, timeout_s: float) -> Verdict:
-    """A finished prompt's /history entry -> complete / fail / retry. `timed_out`: the runner interrupted it."""
+def judge(entry: dict[str, Any], timed_out: bool, timeout_s: float, label: str | None = None) -> Verdict:
+    """A finished prompt's /history entry -> complete / fail / retry. `timed_out`: the runner interrupted it;
+    `label` names the deadline in the message (a task's own timeoutS; default JOB_TIMEOUT_S)."""
     status = entry.get("status", {})
     if status.get("status_str") == "success" and status.get("completed", True):
         if not collect_outputs(entry):
@@ -51,7 +52,8 @@ def judge(entry: dict[str, Any], timed_out: bool, timeout_s: float) -> Verdict:
         return Verdict("complete")
     kind, data = terminal_message(status)
     if kind == "execution_interrupted" and timed_out:
-        return Verdict("fail", m.TaskError(m.TIMEOUT, f"job exceeded JOB_TIMEOUT_S={timeout_s:g}s in node "
+        limit = label or f"JOB_TIMEOUT_S={timeout_s:g}s"
+        return Verdict("fail", m.TaskError(m.TIMEOUT, f"job exceeded {limit} in node "
                                                       f"{data.get('node_id')} ({data.get('node_type')})"))
     if kind == "execution_interrupted":
         return Verdict("retry", m.TaskError(m.INTERRUPTED, "ComfyUI interrupted the job", retriable=True))

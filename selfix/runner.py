@@ -25,6 +25,7 @@ from selfix import outputs, stats
 from selfix.backoff import compute_backoff
 from selfix.clock import Clock, SystemClock
 from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
+from selfix.control import RunnerControl, deadline_label, deadline_s
 from selfix.faults import crashpoint
 from selfix.files import DISK_RETRY_MAX_S, DiskFull, disk_full_error
 from selfix.isolation import Guard
@@ -37,7 +38,6 @@ from selfix.outcomes import (
     deadline_step,
     error_from,
     hand_back,
-    judge,
     on_lost,
     terminal_message,
 )
@@ -70,6 +70,7 @@ class Inflight:
     gave_up: bool = False  # past the deadline and its grace: failed without waiting for ComfyUI any longer
     rejection: m.TaskError | None = None  # ComfyUI queued it in part: remove it, then fail with this error
     cancel_at: float = 0.0
+    cancelled_by: m.TaskError | None = None  # a cancel request interrupted it (selfix/control.py)
     progress_written: float = 0.0
 
     @property
@@ -101,6 +102,7 @@ class Runner:
         self.interrupt_grace_s = INTERRUPT_GRACE_S
         self.tasks: set[asyncio.Task[None]] = set()
         self.disk = DiskFull("runner")
+        self.control = RunnerControl(self)  # cancel, expiry, per-task deadlines
 
     # --- main loop -------------------------------------------------------------------------------------
     async def run(self, until_idle: bool = False) -> int:
@@ -229,6 +231,8 @@ class Runner:
         job.pop("startedAt", None)
         self.spool.write_processing(job)
         inf = Inflight(job, job["promptId"])
+        if self.control.refuse(inf):
+            return
         try:
             workflow = await asyncio.to_thread(
                 prepare, job, self.store, self.loras, self.settings.comfy_input_dir, self.settings.max_data_url_bytes,
@@ -240,6 +244,8 @@ class Runner:
             if disk_full_error(exc) is not None:
                 raise  # LoRA cache or ComfyUI's input dir full: the loop backs off, the job stays claimed
             self.defer(inf, f"storage unavailable: {exc}")
+            return
+        if self.control.refuse(inf):  # cancelled or expired while its LoRA/inputs were downloading
             return
         await self.submit(inf, workflow)
 
@@ -318,6 +324,7 @@ class Runner:
                 await self.cancel(inf)
             elif inf.finished.is_set():
                 await self.collect(inf)
+        await self.control.tick()
 
     async def reconcile(self) -> None:
         """Ask ComfyUI where each inflight prompt is: queued, finished (history) or lost (ComfyUI restarted)."""
@@ -357,7 +364,7 @@ class Runner:
             inf.finished.clear()  # executing(null) without history yet: look again on the next reconcile
             self.needs_reconcile = True
             return
-        verdict = judge(entry, inf.timed_out_at is not None, self.settings.job_timeout_s)
+        verdict = self.control.judge(inf, entry)  # outcomes.judge(), or cancelled when a cancel interrupted it
         try:
             if verdict.kind == "complete":
                 await self.complete(inf, entry)
@@ -372,7 +379,7 @@ class Runner:
         elif verdict.kind == "retry" and verdict.error is not None:
             self.retry(inf, verdict.error)
         elif verdict.error is not None:
-            self.fail(inf, verdict.error)
+            self.control.fail(inf, verdict.error, entry)
         del self.inflight[inf.prompt_id]
         self.promote_head()
         self.wake.set()
@@ -506,12 +513,12 @@ class Runner:
         if head is None or head.rejection is not None or head.gave_up:
             return
         now = self.clock.time()
-        step = deadline_step(head.started_at or head.head_since, head.timed_out_at, now,
-                             self.settings.job_timeout_s, self.interrupt_grace_s)
+        limit = deadline_s(head.job, self.settings.job_timeout_s)  # the task's timeoutS, capped by JOB_TIMEOUT_S
+        step = deadline_step(head.started_at or head.head_since, head.timed_out_at, now, limit,
+                             self.interrupt_grace_s)
         if step == "interrupt":
             head.timed_out_at = now
-            head.log().warning("deadline of {:g}s passed: interrupting {}", self.settings.job_timeout_s,
-                               head.prompt_id)
+            head.log().warning("deadline of {:g}s passed: interrupting {}", limit, head.prompt_id)
             # Not awaited here: on a hung ComfyUI the call takes its whole timeout, and the grace counts already.
             self.background(self.client.interrupt(head.prompt_id), "interrupt")
         elif step == "give_up":
@@ -530,8 +537,8 @@ class Runner:
     def give_up(self, inf: Inflight) -> None:
         del self.inflight[inf.prompt_id]
         self.promote_head()
-        self.fail(inf, m.TaskError(m.TIMEOUT, f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s "
-                                              "and ComfyUI did not stop it"))
+        label = deadline_label(inf.job, self.settings.job_timeout_s)
+        self.fail(inf, m.TaskError(m.TIMEOUT, f"job exceeded {label} and ComfyUI did not stop it"))
 
     async def hand_back_pending(self) -> None:
         """Draining: jobs queued in ComfyUI but not started go back to inbox/ (same attempt)."""

@@ -235,6 +235,9 @@ SPECS: tuple[Spec, ...] = (
     S("UNRESOLVED_AFTER_S", "unresolved_after_s", "3600", _positive_float,
       "A task accepted longer ago than this without a published result counts in selfix_unresolved_tasks.",
       group="jobs"),
+    S("CANCEL_RETENTION_H", "cancel_retention_h", "24", _positive_float,
+      "Cancel requests (spool cancel/ tombstones) are kept this long, so a task that arrives later is cancelled; "
+      "the consumer reads KAFKA_TOPIC_CONTROL back this far when it starts.", group="jobs"),
     S("TEMPLATES_DIR", "templates_dir", "", _optional_path,
       "Extra workflow templates (<name>.json) besides the built-in ones.", group="jobs"),
     S("MAX_MESSAGE_BYTES", "max_message_bytes", "1048576", _positive_int,
@@ -262,6 +265,8 @@ SPECS: tuple[Spec, ...] = (
       "Unfinished tasks a node holds before it pauses its partitions.", group="kafka"),
     S("KAFKA_TOPIC_DLQ", "kafka_topic_dlq", "", _optional_str,
       "Topic for messages that have no readable taskId (empty: log only).", group="kafka"),
+    S("KAFKA_TOPIC_CONTROL", "kafka_topic_control", "", _optional_str,
+      "Topic of cancel requests; every node reads all of its partitions (empty: off).", group="kafka"),
     S("KAFKA_SSL_CA_LOCATION", "kafka_ssl_ca_location", "", _optional_str, "CA file for SSL/SASL_SSL.",
       group="kafka"),
     S("KAFKA_STATUS_EVENTS", "kafka_status_events", "false", _bool,
@@ -354,6 +359,7 @@ class Settings:
     done_retention_h: float
     result_retry_s: float
     unresolved_after_s: float
+    cancel_retention_h: float
     templates_dir: Path | None
     max_message_bytes: int
     max_workflow_nodes: int
@@ -365,6 +371,7 @@ class Settings:
     output_strip_metadata: bool
     kafka_max_inflight: int
     kafka_topic_dlq: str | None
+    kafka_topic_control: str | None
     kafka_ssl_ca_location: str | None
     kafka_status_events: bool
     kafka_drain_s: float

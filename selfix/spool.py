@@ -102,9 +102,10 @@ class Spool:
             self.root / s for s in STATES
         )
         self.run = self.root / "run"
+        self.cancel = self.root / "cancel"  # tombstones of cancel requests (selfix/control.py), pruned by age
 
     def ensure(self) -> Spool:
-        for d in (*(self.root / s for s in STATES), self.run):
+        for d in (*(self.root / s for s in STATES), self.run, self.cancel):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -375,6 +376,54 @@ class Spool:
             if n.endswith(".json"):
                 known[n[:-5]] = "done"
         return known
+
+    # --- cancel tombstones (selfix/control.py decides what they do) ---------------------------------------
+    def cancel_path(self, task_id: str) -> Path:
+        return self.cancel / f"{task_id}.json"
+
+    def write_cancel(self, record: dict[str, Any]) -> bool:
+        """Remember a cancel request; False when one for this taskId is already there (the first one stands)."""
+        target = self.cancel_path(record["taskId"])
+        if target.exists():
+            return False
+        self.cancel.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(target, dumps(record))
+        return True
+
+    def mark_cancel(self, record: dict[str, Any]) -> None:
+        """Rewrite a tombstone with what it did (`handled`), so a restarted runner does not apply it twice."""
+        self._atomic_write(self.cancel_path(record["taskId"]), dumps(record))
+
+    def read_cancel(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(self.cancel_path(task_id).read_bytes())
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def cancel_ids(self) -> list[str]:
+        return sorted(n[:-5] for n in self._names(self.cancel) if n.endswith(".json") and valid_task_id(n[:-5]))
+
+    def cancel_dir_mtime(self) -> int:
+        try:
+            return os.stat(self.cancel).st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
+    def prune_cancels(self, max_age_s: float) -> int:
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for name in self._names(self.cancel):
+            path = self.cancel / name
+            if self._mtime(path) < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def inbox_entry_of(self, task_id: str) -> InboxEntry | None:
+        wanted = f"{task_id}.json"
+        return next((e for e in self.inbox_entries() if e.name[_NAME_PREFIX_LEN:] == wanted), None)
 
     # --- corrupt -------------------------------------------------------------------------------------
     def quarantine(self, path: Path, reason: str) -> Path:

@@ -163,6 +163,7 @@ class Histogram:
 HISTOGRAMS = ("duration", "generation", "queue")
 # Failures that happened inside ComfyUI: these count as jobs that ran (for FREE_EVERY_JOBS), like completed ones.
 RAN_CODES = frozenset({"execution_error", "out_of_memory", "timeout", "no_output", "interrupted"})
+CONTROL_CODES = frozenset({"cancelled", "expired"})  # selfix/control.py
 RECENT_WINDOW_S = 600.0  # names seen within this window are persisted, so a restart does not count them again
 RESTART_SLACK_S = 120.0  # results newer than the last save minus this, and not known, are counted at start-up
 
@@ -174,6 +175,7 @@ class JobStats:
     jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, code) -> count
     hists: dict[str, Histogram] = field(default_factory=lambda: {h: Histogram() for h in HISTOGRAMS})
     ran: int = 0  # results of jobs that ran inside ComfyUI (FREE_EVERY_JOBS counts these)
+    saved_s: float = 0.0  # ComfyUI seconds cancels and expiries saved (estimate: see count_result)
     known: set[str] = field(default_factory=set)  # every done/ name currently counted (memory only)
     recent: dict[str, float] = field(default_factory=dict)  # name -> when first seen (persisted)
     saved_at: float | None = None  # when the persisted copy was written (None: no history, count all)
@@ -194,8 +196,15 @@ class JobStats:
                 if hist == "generation" and value == 0:
                     continue
                 self.hists[hist].observe(float(value))
-        if status == "completed" or code in RAN_CODES:
+        raw_ran = meta.get("ranS")
+        ran_s = float(raw_ran) if isinstance(raw_ran, int | float) else 0.0
+        if status == "completed" or code in RAN_CODES or ran_s > 0:
             self.ran += 1
+        if code in CONTROL_CODES:
+            # Estimate: what a job of this node takes on average, less what this one had run before it stopped.
+            generation = self.hists["generation"]
+            mean = generation.total / generation.count if generation.count else 0.0
+            self.saved_s += max(0.0, mean - ran_s)
 
     def scan(self, spool: Spool, now: float | None = None) -> int:
         """Count the results that appeared in done/ since the last scan; returns how many."""
@@ -244,7 +253,8 @@ class JobStats:
         return {
             "jobs": [[s, c, n] for (s, c), n in sorted(self.jobs.items())],
             "hists": {k: h.dump() for k, h in self.hists.items()},
-            "ran": self.ran, "recent": self.recent, "savedAt": time.time() if now is None else now,
+            "ran": self.ran, "savedS": self.saved_s, "recent": self.recent,
+            "savedAt": time.time() if now is None else now,
         }
 
     @staticmethod
@@ -255,6 +265,7 @@ class JobStats:
         stats.jobs = {(str(s), str(c)): int(n) for s, c, n in data.get("jobs", [])}
         stats.hists = {h: Histogram.load((data.get("hists") or {}).get(h)) for h in HISTOGRAMS}
         stats.ran = int(data.get("ran", 0))
+        stats.saved_s = float(data.get("savedS", 0.0))
         stats.recent = {str(k): float(v) for k, v in (data.get("recent") or {}).items()}
         saved = data.get("savedAt")
         stats.saved_at = float(saved) if isinstance(saved, int | float) else None

@@ -1813,6 +1813,7 @@ class Stats:
     free_calls: list[Any] = field(default_factory=list)
     interrupts: int = 0
     prompts_posted: int = 0
+    interrupt_log: list[tuple[float, str | None, bool]] = field(default_factory=list)  # (time, prompt_id, honoured)
 
 
 def _memory() -> tuple[int, int]:
@@ -2214,6 +2215,8 @@ class Routes:
         except json.JSONDecodeError:
             json_data = {}
         prompt_id = json_data.get("prompt_id")
+        arrived = time.time()
+        honoured = not prompt_id or any(item.prompt_id == prompt_id for item in s.running.values())
         if not prompt_id:
             log.info("Global interrupt (no prompt_id specified)")
             s.interrupt_flag = True
@@ -2222,6 +2225,7 @@ class Routes:
             s.interrupt_flag = True
         else:
             log.info("Prompt %s is not currently running, skipping interrupt", prompt_id)
+        s.stats.interrupt_log.append((arrived, prompt_id, honoured))
         return web.Response(status=200)
 
     async def post_free(self, request: web.Request) -> web.StreamResponse:
@@ -2376,7 +2380,8 @@ class Routes:
     async def fake_stats(self, request: web.Request) -> web.StreamResponse:
         st = self.s.stats
         return web.json_response({"executed": st.executed, "free_calls": st.free_calls,
-                                  "interrupts": st.interrupts, "prompts_posted": st.prompts_posted})
+                                  "interrupts": st.interrupts, "prompts_posted": st.prompts_posted,
+                                  "interrupt_log": st.interrupt_log})
 
     async def fake_vram(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
