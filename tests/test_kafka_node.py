@@ -246,11 +246,12 @@ def test_rebalance_between_two_nodes_mid_run_loses_nothing(kafka_broker: KafkaBr
                                                           make_node: Callable[..., Node]) -> None:
     topics = Topics(kafka_broker, 4)
     env = topics.env("scram")
-    a = make_node("a", seconds_per_step=0.02, env=env).start()
+    # Jobs slow enough (3 x 0.15 s) that node a cannot finish all 60 before node b has started and joined.
+    a = make_node("a", seconds_per_step=0.15, env=env).start()
     ids = [f"rb-{i:02d}" for i in range(60)]
     produce(kafka_broker, topics.input, [task(t, steps=3) for t in ids])
     wait_until(lambda: len(a.results()) >= 8, 60, "node a under way")
-    b = make_node("b", seconds_per_step=0.02, env=env).start()  # joins: a hands over half the partitions
+    b = make_node("b", seconds_per_step=0.15, env=env).start()  # joins: a hands over half the partitions
     wait_until(lambda: len(b.results()) >= 5, 60, lambda: f"node b working; a {a.spool.counts()}")
     b.stop()  # leaves: its partitions and not-started jobs go back to a
     wait_until(lambda: set(ids) <= set(a.results()) | set(b.results()), 90,
