@@ -82,15 +82,6 @@ def write_wav(path: Path, seconds: float = 1.5, rate: int = 8000) -> None:
         w.writeframes(struct.pack("<h", 0) * int(seconds * rate))
 
 
-def get(bucket: S3Bucket, key: str) -> tuple[bytes, str]:
-    response = bucket.client().get_object(bucket.bucket, key)
-    try:
-        return response.read(), str(response.headers.get("content-type"))
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def check_objects(bucket: S3Bucket, result: dict[str, Any]) -> dict[str, bytes]:
     """Every outputs entry with an objectKey is in the bucket with that content type and size."""
     assert result["status"] == "completed", result
@@ -98,7 +89,7 @@ def check_objects(bucket: S3Bucket, result: dict[str, Any]) -> dict[str, bytes]:
     for entry in result["outputs"]:
         if "objectKey" not in entry:
             continue
-        data, content_type = get(bucket, entry["objectKey"])
+        data, content_type = bucket.get(entry["objectKey"])
         assert (content_type, len(data)) == (entry["contentType"], entry["bytes"]), entry
         found[entry["objectKey"]] = data
     stills = [e["objectKey"] for e in result["outputs"] if e["kind"] == "image"]

@@ -32,15 +32,6 @@ def put_bytes(bucket: S3Bucket, key: str, data: bytes, content_type: str = "appl
     bucket.client().put_object(bucket.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
 
-def get_bytes(bucket: S3Bucket, key: str) -> tuple[bytes, str]:
-    response = bucket.client().get_object(bucket.bucket, key)
-    try:
-        return response.read(), str(response.headers.get("content-type"))
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def node_env(bucket: S3Bucket, **extra: str) -> dict[str, str]:
     return {**bucket.env, "DISK_FREE_FLOOR_GB": "0", **extra}
 
@@ -62,7 +53,7 @@ def assert_uploaded(bucket: S3Bucket, result: dict[str, Any], count: int) -> lis
     assert result["imagePath"] == keys[0]
     images = []
     for key in keys:
-        data, content_type = get_bytes(bucket, key)
+        data, content_type = bucket.get(key)
         assert data.startswith(PNG_MAGIC) and content_type == "image/png", (key, content_type)
         images.append(Image.open(io.BytesIO(data)))
     return images

@@ -55,6 +55,15 @@ class S3Bucket:
         """A MinIO client with the root credentials, for arranging and inspecting objects."""
         return self.server.client()
 
+    def get(self, key: str) -> tuple[bytes, str]:
+        """An object's bytes and its stored content type."""
+        response = self.client().get_object(self.bucket, key)
+        try:
+            return response.read(), str(response.headers.get("content-type"))
+        finally:
+            response.close()
+            response.release_conn()
+
 
 def _bucket_on(server: MinioServer) -> Iterator[S3Bucket]:
     name = f"t-{uuid.uuid4().hex[:16]}"
