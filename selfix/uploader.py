@@ -142,6 +142,9 @@ class Uploader:
                 now = time.monotonic()
                 if drain_until is None:
                     drain_until = now + DRAIN_S
+                    # Listed again: the stop may have come after the listing above, and a result the runner wrote
+                    # in between must be drained, not left behind by a stale empty list.
+                    pending = self.spool.outbox_tasks()
                     logger.info("draining: {} result(s) in outbox/", len(pending))
                 if not pending or now >= drain_until:
                     if pending:
