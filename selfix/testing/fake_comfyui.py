@@ -537,11 +537,21 @@ def list_input_images(folders: FolderPaths) -> list[str]:
     return sorted(f for f in names if (mimetypes.guess_type(f)[0] or "").startswith("image/"))
 
 
-def validate_load_image(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
-    image = args.get("image")
-    if image is None or not os.path.exists(folders.annotated_filepath(str(image))):
-        return f"Invalid image file: {image}"
-    return True
+def annotated_file_check(arg: str, kind: str) -> Callable[[FolderPaths, dict[str, Any]], bool | str]:
+    """VALIDATE_INPUTS of the file loaders (real: LoadImage, LoadLatent, LoadVideo, LoadAudio): the annotated path
+    must exist, so a sub-folder name such as selfix/<taskId>/x passes though the choice list omits it."""
+    def check(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
+        value = args.get(arg)
+        if value is None or not os.path.exists(folders.annotated_filepath(str(value))):
+            return f"Invalid {kind} file: {value}"
+        return True
+    return check
+
+
+validate_load_image = annotated_file_check("image", "image")
+validate_load_latent = annotated_file_check("latent", "latent")
+validate_load_video = annotated_file_check("file", "video")
+validate_load_audio = annotated_file_check("audio", "audio")
 
 
 def load_image_is_changed(folders: FolderPaths, args: dict[str, Any]) -> Any:
@@ -584,13 +594,6 @@ def load_latent_inputs(folders: FolderPaths) -> InputTypes:
     return {"required": {"latent": [list_input_files(folders, ".latent")]}}
 
 
-def validate_load_latent(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
-    latent = args.get("latent")
-    if latent is None or not os.path.exists(folders.annotated_filepath(str(latent))):
-        return f"Invalid latent file: {latent}"
-    return True
-
-
 async def run_load_latent(call: NodeCall) -> NodeOutput:
     # real: nodes.LoadLatent.load (safetensors.torch.load_file of the annotated path); here the file's bytes
     # become the latent's seed, so whatever was read shows in the decoded picture
@@ -603,13 +606,6 @@ def load_video_inputs(folders: FolderPaths) -> InputTypes:
     # real: comfy_extras.nodes_video.LoadVideo (input "file", a COMBO of the input folder's videos, with upload)
     names = sorted(f for f in os.listdir(folders.input_dir) if os.path.isfile(os.path.join(folders.input_dir, f)))
     return {"required": {"file": (names, {"video_upload": True})}}
-
-
-def validate_load_video(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
-    file = args.get("file")
-    if file is None or not os.path.exists(folders.annotated_filepath(str(file))):
-        return f"Invalid video file: {file}"
-    return True
 
 
 async def run_load_video(call: NodeCall) -> NodeOutput:
@@ -1015,14 +1011,6 @@ def _wav_facts(path: str) -> dict[str, Any]:
 def list_input_audio(folders: FolderPaths) -> list[str]:
     names = [f for f in os.listdir(folders.input_dir) if os.path.isfile(os.path.join(folders.input_dir, f))]
     return sorted(f for f in names if (mimetypes.guess_type(f)[0] or "").startswith(("audio/", "video/")))
-
-
-def validate_load_audio(folders: FolderPaths, args: dict[str, Any]) -> bool | str:
-    # real: LoadAudio.VALIDATE_INPUTS (exists_annotated_filepath), so a sub-folder name passes the choice list
-    audio = args.get("audio")
-    if audio is None or not os.path.exists(folders.annotated_filepath(str(audio))):
-        return f"Invalid audio file: {audio}"
-    return True
 
 
 async def run_load_audio(call: NodeCall) -> NodeOutput:
