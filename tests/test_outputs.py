@@ -13,7 +13,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from selfix.outputs import Encoding, Plan, encode_still, extension, kind_of, png_text, probe, sniff, stage_outputs
-from selfix.testing.fake_comfyui import write_fake_flac, write_fake_mp4, write_fake_webm
+from selfix.testing.fake_comfyui.nodes.media import write_fake_flac, write_fake_mp4, write_fake_webm
 from selfix.workflow import OutputItem
 
 CAPTURES = Path(__file__).parent / "data" / "comfyui-captures"

@@ -2,7 +2,7 @@
 
 - `Node`: `selfix up` (real supervisord, all five programs) with the double as ComfyUI, everything under one
   directory, free loopback ports.
-- `ComfyDouble`: the one launcher of the double (selfix/testing/fake_comfyui.py): `argv()` for a subprocess of the
+- `ComfyDouble`: the one launcher of the double (selfix/testing/fake_comfyui/): `argv()` for a subprocess of the
   test's own, `command()` for COMFY_COMMAND (placeholders that `selfix comfyui` fills in).
 - `task`, `t2i_workflow`, `write_safetensors`, `wait_until`: builders and the polling helper.
 

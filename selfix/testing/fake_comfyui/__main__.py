@@ -2,6 +2,6 @@
 
 import sys
 
-from selfix.testing.fake_comfyui import main
+from selfix.testing.fake_comfyui.cli import main
 
 sys.exit(main())
