@@ -1,13 +1,18 @@
 """Async client for ComfyUI's HTTP + WebSocket API (facts in shared/reference/comfyui-api.md).
 
 The WebSocket only speeds things up: /history is the source of truth, and a silent socket is replaced by polling.
+Binary frames (latent previews) are decoded only for an owner that asks for them (CONSOLE_PREVIEWS): then the
+socket opens with the feature_flags handshake, so a ComfyUI that knows it sends event 4 (prompt id in its metadata),
+and an older one's event 1 is tied to the `progress` frame before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +31,11 @@ CONTROL_TIMEOUT_S = 5.0  # /queue, /history, /interrupt, /free, /system_stats, /
 PROMPT_TIMEOUT_S = 15.0  # POST /prompt validates the whole workflow before it answers
 TRANSFER_STALL_S = 10.0  # GET /view: no byte for this long ends the download (its total size is unbounded)
 WS_HEARTBEAT_S = 10.0  # ping period; a socket whose pong does not come within half of it is closed (stopped peer)
+BIN_PREVIEW_IMAGE = 1  # [u32 1][u32 image type: 1 JPEG, 2 PNG][image]: no prompt id
+BIN_PREVIEW_WITH_METADATA = 4  # [u32 4][u32 json length][json with prompt_id, node_id, image_type][image]
+FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+IMAGE_MAGIC = {"image/jpeg": b"\xff\xd8\xff", "image/png": b"\x89PNG\r\n\x1a\n"}
+_LEGACY_TYPES = {1: "image/jpeg", 2: "image/png"}
 
 
 def prompt_id_for(task_id: str, attempt: int) -> str:
@@ -191,7 +201,50 @@ def _rejection_message(error: dict[str, Any], node_errors: dict[str, Any]) -> st
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class PreviewFrame:
+    """One preview image of a binary frame. `prompt_id` is None for a legacy frame (event 1) until the stream ties
+    it to the `progress` frame before it."""
+
+    prompt_id: str | None
+    media_type: str  # image/jpeg or image/png
+    image: bytes
+    node_id: str | None = None
+
+
+def parse_preview(data: bytes) -> PreviewFrame | None:
+    """Event 1 or 4 decoded; None for any other event and for a truncated or malformed frame (it never raises)."""
+    if len(data) < 8:
+        return None
+    event, word = struct.unpack_from(">II", data)
+    if event == BIN_PREVIEW_IMAGE:
+        return _preview(None, None, _LEGACY_TYPES.get(word), data[8:])
+    if event != BIN_PREVIEW_WITH_METADATA or len(data) < 8 + word:
+        return None
+    try:
+        meta = json.loads(data[8:8 + word])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("prompt_id"), str):
+        return None
+    node = meta.get("node_id")
+    return _preview(meta["prompt_id"], node if isinstance(node, str) else None, meta.get("image_type"),
+                    data[8 + word:])
+
+
+def _preview(prompt_id: str | None, node_id: str | None, media_type: object, image: bytes) -> PreviewFrame | None:
+    """Only a JPEG or a PNG whose bytes start the way its type says: nothing else is ever kept or served."""
+    magic = IMAGE_MAGIC.get(media_type) if isinstance(media_type, str) else None
+    if magic is None or not image.startswith(magic):
+        return None
+    assert isinstance(media_type, str)
+    return PreviewFrame(prompt_id, media_type, image, node_id)
+
+
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+PreviewHandler = Callable[[PreviewFrame], None]
+# After these no `progress` of that prompt comes: a legacy preview frame is not tied to it any longer.
+_PROMPT_BOUNDARIES = frozenset({"execution_start", "execution_success", "execution_error", "execution_interrupted"})
 
 
 class EventStream:
@@ -199,15 +252,25 @@ class EventStream:
 
     `connected` is set while a socket is open; `on_reconnect` runs after every (re)connection so the owner can
     poll /history for anything that happened while it was deaf (ComfyUI has no replay).
+
+    With `on_preview`, preview frames go to it with the prompt id they belong to, as far as the frames tell: event 4
+    names it; an event 1 (a ComfyUI without the handshake) is tied to the last `progress` frame, the order ComfyUI
+    sends them in, and dropped when none came since the last prompt boundary. ComfyUI runs one prompt at a time,
+    but it broadcasts the previews of a prompt that has no client id to every socket, so the owner must still keep
+    only those of the prompt it knows is running. Without `on_preview` binary frames are skipped unread.
     """
 
     def __init__(self, client: ComfyClient, handler: EventHandler,
-                 on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_reconnect: Callable[[], Awaitable[None]] | None = None,
+                 on_preview: PreviewHandler | None = None) -> None:
         self.client = client
         self.handler = handler
         self.on_reconnect = on_reconnect
+        self.on_preview = on_preview
         self.connected = asyncio.Event()
         self.last_frame_at = 0.0
+        self.preview_metadata = False  # ComfyUI answered the handshake: its previews carry their prompt id
+        self._progress_prompt: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -226,8 +289,7 @@ class EventStream:
             try:
                 async with self.client.session.ws_connect(url, heartbeat=WS_HEARTBEAT_S, max_msg_size=0) as ws:
                     failures = 0
-                    self.connected.set()
-                    logger.debug("websocket connected")
+                    await self.opened(ws)
                     if self.on_reconnect:
                         await self.on_reconnect()
                     await self._read(ws)
@@ -237,16 +299,52 @@ class EventStream:
             failures += 1
             await asyncio.sleep(compute_backoff(min(failures, 6), 0.2, 5.0))
 
+    async def opened(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.preview_metadata = False
+        self._progress_prompt = None
+        if self.on_preview is not None:
+            # ComfyUI honours the handshake only as the first frame a client sends; later ones it ignores.
+            await ws.send_str(json.dumps(FEATURE_FLAGS))
+        self.connected.set()
+        logger.debug("websocket connected")
+
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
         async for msg in ws:
             self.last_frame_at = loop.time()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.binary(msg.data)
+                continue
             if msg.type != aiohttp.WSMsgType.TEXT:
-                continue  # binary previews carry no prompt id in legacy mode; selfix does not use them
+                continue
             try:
                 frame = json.loads(msg.data)
                 kind, data = frame["type"], frame.get("data") or {}
             except (ValueError, KeyError, TypeError):
                 logger.warning("ignoring malformed websocket frame {!r}", msg.data[:200])
                 continue
+            if self.on_preview is not None and isinstance(data, dict):
+                self.track(kind, data)
             await self.handler(kind, data)
+
+    def track(self, kind: str, data: dict[str, Any]) -> None:
+        """What a legacy preview frame is tied to: the prompt of the last `progress`, until a prompt boundary."""
+        if kind == "progress":
+            prompt_id = data.get("prompt_id")
+            self._progress_prompt = prompt_id if isinstance(prompt_id, str) else None
+        elif kind in _PROMPT_BOUNDARIES or (kind == "executing" and data.get("node") is None):
+            self._progress_prompt = None
+        elif kind == "feature_flags":
+            self.preview_metadata = data.get("supports_preview_metadata") is True
+
+    def binary(self, data: bytes) -> None:
+        if self.on_preview is None:
+            return  # previews off: not even decoded
+        frame = parse_preview(data)
+        if frame is None:
+            return
+        if frame.prompt_id is None:
+            if self._progress_prompt is None:
+                return
+            frame = dataclasses.replace(frame, prompt_id=self._progress_prompt)
+        self.on_preview(frame)

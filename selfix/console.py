@@ -1,5 +1,5 @@
 """The operator's console: a read-only web page on the watchdog's HTTP port (`/`) and the JSON API beneath it
-(`/api/status`), which `selfix status --json` prints too.
+(`/api/status`, which `selfix status --json` prints too, and `/api/preview/<taskId>`).
 
 The document is rebuilt in the background (every SAMPLE_S, and the GPU history once per watchdog tick) from what
 the watchdog already holds in memory: its NodeView, its run/watchdog.json, the set of done/ names its JobStats
@@ -7,7 +7,10 @@ keeps, plus the few processing/ files. A request only sends the last document's 
 with done/ (100,000 entries cost the same as ten); only a result that is new since the last tick is ever read.
 
 What it never shows: settings (no secret can leak), a task's workflow or prompt text, user ids, image keys and
-images. ComfyUI's latent previews are user images, so they are not shown.
+images, except one: with CONSOLE_PREVIEWS=true (and ComfyUI started with --preview-method) the running task's
+latest latent preview, which the runner keeps in the spool while the task is in processing/ (selfix/previews.py).
+It is off by default because a preview is a user's picture, and the operators of a fleet should not see what users
+make unless they have a reason (a node to debug) and the right to; with it off, nothing is decoded or written.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from loguru import logger
 
+from selfix.comfy import IMAGE_MAGIC
 from selfix.settings import Settings
+from selfix.spool import Spool, valid_task_id
 
 if TYPE_CHECKING:
     from selfix.watchdog import Watchdog
@@ -40,6 +45,7 @@ RECENT = 20  # results and failures kept for the page
 MESSAGE_MAX = 200  # characters of a failure's message
 STARTUP_SCAN = 400  # at start, the newest this many done/ entries are read for the recent lists
 API_PATH = "/api/status"
+PREVIEW_PATH = "/api/preview/{task_id}"
 HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -74,8 +80,9 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def running_jobs(paths: Iterable[Path], now: float) -> list[dict[str, Any]]:
-    """The claimed jobs (processing/), reduced to id, state, attempt, progress and timing."""
+def running_jobs(paths: Iterable[Path], now: float, previews: Spool | None = None) -> list[dict[str, Any]]:
+    """The claimed jobs (processing/), reduced to id, state, attempt, progress and timing; with `previews` (the
+    spool, CONSOLE_PREVIEWS on) whether each has a preview and its version, which changes with every new one."""
     out = []
     for path in paths:
         try:
@@ -87,10 +94,19 @@ def running_jobs(paths: Iterable[Path], now: float) -> list[dict[str, Any]]:
         started = _number(job.get("startedAt"))
         raw = job.get("progress")
         progress = ({k: raw.get(k) for k in ("value", "max", "node")} if isinstance(raw, dict) else None)
-        out.append({"taskId": job.get("taskId"), "state": job.get("state"), "attempt": job.get("attempt"),
+        task_id = job.get("taskId")
+        version = (previews.preview_version(task_id)
+                   if previews and isinstance(task_id, str) and valid_task_id(task_id) else None)
+        out.append({"taskId": task_id, "state": job.get("state"), "attempt": job.get("attempt"),
                     "progress": progress, "startedAt": started,
-                    "elapsedS": round(now - started, 1) if started is not None else None})
+                    "elapsedS": round(now - started, 1) if started is not None else None,
+                    "preview": version is not None, "previewVersion": version})
     return out
+
+
+def sniff(image: bytes) -> str | None:
+    """The media type of a preview file by its first bytes (a file cut short by a crash is not served)."""
+    return next((kind for kind, magic in IMAGE_MAGIC.items() if image.startswith(magic)), None)
 
 
 class GpuHistory:
@@ -162,7 +178,8 @@ class Console:
             raw = json.loads((self.wd.spool.run / "watchdog.json").read_bytes())
             if isinstance(raw, dict):
                 status = {**raw, "ageS": round(now - float(raw.get("at", 0)), 1)}
-        return status, running_jobs(self.wd.spool.processing_files(), now)
+        previews = self.wd.spool if self.wd.settings.console_previews else None
+        return status, running_jobs(self.wd.spool.processing_files(), now, previews)
 
     async def refresh(self) -> None:
         """Rebuild the document. Memory is read on the loop thread (the tick mutates it there), files in a thread."""
@@ -207,6 +224,18 @@ class Console:
     async def http_status(self, _request: web.Request) -> web.Response:
         return web.Response(body=self.body, content_type="application/json", headers=HEADERS)
 
+    async def http_preview(self, request: web.Request) -> web.Response:
+        """The running task's latest preview; 404 when previews are off, the id is not a task id, the task is not
+        in processing/ or has no preview (yet)."""
+        task_id = request.match_info["task_id"]
+        if not self.wd.settings.console_previews or not valid_task_id(task_id):
+            raise web.HTTPNotFound(headers=HEADERS)
+        image = await asyncio.to_thread(self.wd.spool.read_preview, task_id)
+        kind = sniff(image) if image else None
+        if image is None or kind is None:
+            raise web.HTTPNotFound(headers=HEADERS)
+        return web.Response(body=image, content_type=kind, headers=HEADERS)
+
     async def start(self, _app: web.Application) -> None:
         with contextlib.suppress(Exception):
             await self.refresh()
@@ -220,10 +249,12 @@ class Console:
 
 
 def mount(app: web.Application, wd: Watchdog) -> Console:
-    """Add `/` and `/api/status` to the watchdog's HTTP app; the document refreshes while the app runs."""
+    """Add `/`, `/api/status` and `/api/preview/<taskId>` to the watchdog's HTTP app; the document refreshes while
+    the app runs."""
     console = Console(wd)
     app.router.add_get("/", console.http_page)
     app.router.add_get(API_PATH, console.http_status)
+    app.router.add_get(PREVIEW_PATH, console.http_preview)
     app.on_startup.append(console.start)
     app.on_cleanup.append(console.stop)
     return console

@@ -24,7 +24,15 @@ from selfix import messages as m
 from selfix import outputs, stats
 from selfix.backoff import compute_backoff
 from selfix.clock import Clock, SystemClock
-from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
+from selfix.comfy import (
+    ComfyClient,
+    ComfyRejected,
+    ComfyUnavailable,
+    EventStream,
+    OutputTooLarge,
+    PreviewFrame,
+    prompt_id_for,
+)
 from selfix.control import RunnerControl, deadline_label, deadline_s
 from selfix.faults import crashpoint
 from selfix.files import DISK_RETRY_MAX_S, DiskFull, disk_full_error
@@ -42,6 +50,7 @@ from selfix.outcomes import (
     terminal_message,
 )
 from selfix.prepare import prepare, remove_task_files
+from selfix.previews import PreviewKeeper
 from selfix.process import EXIT_ABORTED, EXIT_OK, Program, StopFlags, run_async
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
@@ -95,7 +104,9 @@ class Runner:
         self.flags = flags
         self.inflight: dict[str, Inflight] = {}
         self.wake = asyncio.Event()
-        self.stream = EventStream(client, self.on_event, self.on_reconnect)
+        self.previews = PreviewKeeper(spool, self.clock)  # the console's preview of the running task
+        self.stream = EventStream(client, self.on_event, self.on_reconnect,
+                                  self.on_preview if settings.console_previews else None)
         self.needs_reconcile = True
         self.handed_back = False
         self.last_poke = 0.0
@@ -305,6 +316,13 @@ class Runner:
         except OSError as exc:
             if disk_full_error(exc) is None:
                 raise
+
+    def on_preview(self, frame: PreviewFrame) -> None:
+        """Kept only for the prompt this runner knows is running: ComfyUI broadcasts the previews of a prompt that
+        has no client id (someone else's) to every socket."""
+        inf = self.inflight.get(str(frame.prompt_id))
+        if inf is not None and inf.started_at is not None and not inf.finished.is_set() and inf.rejection is None:
+            self.previews.keep(inf.task_id, frame)
 
     async def on_reconnect(self) -> None:
         self.needs_reconcile = True
@@ -567,6 +585,7 @@ class Runner:
     def recover(self) -> None:
         """Re-attach to every job in processing/; reconcile() then learns from ComfyUI where each one is."""
         self.spool.clean_tmp()
+        self.previews.clear()
         self.readopt()
 
     def readopt(self) -> None:

@@ -279,6 +279,9 @@ SPECS: tuple[Spec, ...] = (
     S("METRICS_PORT", "metrics_port", "9400", _port, "Watchdog HTTP port: /metrics, /healthz, /readyz.",
       group="watchdog"),
     S("METRICS_HOST", "metrics_host", "0.0.0.0", str, "Address the watchdog HTTP server binds.", group="watchdog"),
+    S("CONSOLE_PREVIEWS", "console_previews", "false", _bool,
+      "Show the running task's ComfyUI latent previews on the console page (run ComfyUI with --preview-method). "
+      "Off: they are users' pictures, and the page is for operators.", group="watchdog"),
     S("WATCHDOG_INTERVAL_S", "watchdog_interval_s", "5", _positive_float, "Watchdog tick.", group="watchdog"),
     S("GPU_SOFT_MARK", "gpu_soft_mark", "0.85", _fraction,
       "GPU memory fraction above which an idle ComfyUI is asked to /free.", group="watchdog"),
@@ -378,6 +381,7 @@ class Settings:
     kafka_session_timeout_ms: int
     metrics_port: int
     metrics_host: str
+    console_previews: bool
     watchdog_interval_s: float
     gpu_soft_mark: float
     gpu_hard_mark: float

@@ -34,6 +34,8 @@ INBOX_RE = re.compile(
 # separators, invisible format characters (zero-width, bidi overrides, BOM) and surrogates.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ud800-\udfff]")
 RESULT_FILE = "result.json"
+PREVIEW_MAX_BYTES = 2 << 20  # a 512 px latent preview is ~40 KB; a SaveImageWebsocket PNG may be far larger
+PREVIEW_SUFFIX = ".preview"
 _NAME_PREFIX_LEN = len("0000000.0000000000000.0000000000000.00.")  # the fixed-width part before the taskId
 
 
@@ -103,6 +105,7 @@ class Spool:
         )
         self.run = self.root / "run"
         self.cancel = self.root / "cancel"  # tombstones of cancel requests (selfix/control.py), pruned by age
+        self.previews = self.run / "previews"  # the running task's latest preview (CONSOLE_PREVIEWS), see below
 
     def ensure(self) -> Spool:
         for d in (*(self.root / s for s in STATES), self.run, self.cancel):
@@ -203,12 +206,72 @@ class Spool:
         )
         target = self.inbox / name
         self._move(self.processing_path(job["taskId"]), target)
+        self.drop_preview(job["taskId"])
         return target
 
     def drop_processing(self, task_id: str) -> None:
+        self.drop_preview(task_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.processing_path(task_id))
             fsync_dir(self.processing)
+
+    # --- the running task's preview (CONSOLE_PREVIEWS) ------------------------------------------------
+    # A user's picture, so it exists only while its task is in processing/: requeue() and drop_processing() remove
+    # it, the runner clears all of them when it starts, and the console serves one only for a task in processing/.
+    # Not fsync'd: it is replaced a few times a second and worth nothing after a crash (the runner clears it then).
+    def preview_path(self, task_id: str) -> Path:
+        if not valid_task_id(task_id):
+            raise ValueError(f"invalid taskId {task_id!r}")
+        return self.previews / f"{task_id}{PREVIEW_SUFFIX}"
+
+    def write_preview(self, task_id: str, image: bytes) -> bool:
+        """Replace the task's preview (tmp → rename); False when the image is over PREVIEW_MAX_BYTES or the task is
+        not in processing/ (it finished: nothing of it is written after that)."""
+        if len(image) > PREVIEW_MAX_BYTES or not self.processing_path(task_id).exists():
+            return False
+        target = self.preview_path(task_id)
+        tmp = self._tmp_path("preview-" + task_id)
+        try:
+            tmp.write_bytes(image)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:
+                self.previews.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def read_preview(self, task_id: str) -> bytes | None:
+        """The preview of a task in processing/, None otherwise."""
+        try:
+            data = self.preview_path(task_id).read_bytes()
+        except OSError:
+            return None
+        return data if self.processing_path(task_id).exists() else None
+
+    def preview_version(self, task_id: str) -> str | None:
+        """Changes with every new preview, so the page reloads the image only then: inode and mtime, since each
+        write is a new file, created while the one it replaces still held its inode number."""
+        try:
+            st = self.preview_path(task_id).stat()
+        except OSError:
+            return None
+        return f"{st.st_ino:x}.{st.st_mtime_ns:x}"
+
+    def drop_preview(self, task_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self.preview_path(task_id).unlink()
+
+    def clear_previews(self) -> int:
+        """Remove every preview (runner start: what a killed runner left is not shown, nor kept)."""
+        removed = 0
+        for name in self._names(self.previews):
+            with contextlib.suppress(FileNotFoundError):
+                (self.previews / name).unlink()
+                removed += 1
+        return removed
 
     # --- outbox --------------------------------------------------------------------------------------
     def outbox_dir(self, task_id: str) -> Path:

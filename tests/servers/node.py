@@ -192,7 +192,9 @@ def double_command(exec_log: Path, seconds_per_step: float) -> str:
 class Node:
     """One selfix node under real supervisord. Everything lives under `root`; ports are free loopback ports."""
 
-    def __init__(self, root: Path, seconds_per_step: float = 0.05, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, seconds_per_step: float = 0.05, env: dict[str, str] | None = None,
+                 comfy_args: Sequence[str] = ()) -> None:
+        """`comfy_args`: more arguments for the double (e.g. `--preview-method latent2rgb`)."""
         self.root = root
         self.exec_log = root / "comfy-exec.log"
         self.env = {
@@ -201,7 +203,8 @@ class Node:
             "TEMP_DIR": str(root / "temp"), "LORA_CACHE_DIR": str(root / "loras"),
             "COMFY_OUTPUT_DIR": str(root / "comfy" / "output"), "COMFY_INPUT_DIR": str(root / "comfy" / "input"),
             "COMFY_LOG_DIR": str(root / "logs"), "COMFY_PORT": str(free_port()), "METRICS_PORT": str(free_port()),
-            "COMFY_COMMAND": ComfyDouble(root / "comfy", seconds_per_step, exec_log=self.exec_log).command(),
+            "COMFY_COMMAND": ComfyDouble(root / "comfy", seconds_per_step, exec_log=self.exec_log,
+                                         extra=comfy_args).command(),
             "RETRY_BASE_S": "0.2", "RETRY_MAX_S": "1", "WS_SILENCE_S": "2", "LOG_LEVEL": "DEBUG",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
