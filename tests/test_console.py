@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,11 +29,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.watchdog]
 
 FAST = {"WATCHDOG_INTERVAL_S": "0.5", "DISK_FREE_FLOOR_GB": "0", "KAFKA_SASL_PASSWORD": "sekrit-never-shown"}
 PROMPT_TEXT = "a cat"  # what t2i_workflow's CLIPTextEncode says
+LATENT_PREVIEWS = ("--preview-method", "latent2rgb")  # the double then sends a preview frame per sampler step
 
 
 def get(node: Node, path: str) -> tuple[int, dict[str, str], bytes]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.env['METRICS_PORT']}{path}", timeout=10) as resp:
-        return int(resp.status), dict(resp.headers), resp.read()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.env['METRICS_PORT']}{path}", timeout=10) as resp:
+            return int(resp.status), dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), dict(exc.headers), exc.read()
 
 
 def api(node: Node) -> dict[str, Any]:
@@ -49,12 +54,33 @@ def failing_task(task_id: str) -> dict[str, Any]:
 
 @pytest.fixture
 def node(make_node: Any) -> Node:
-    return make_node(seconds_per_step=0.15, env=FAST).start()  # type: ignore[no-any-return]
+    """CONSOLE_PREVIEWS at its default (off), although ComfyUI sends previews."""
+    return make_node(seconds_per_step=0.15, env=FAST, comfy_args=LATENT_PREVIEWS).start()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def preview_node(make_node: Any) -> Node:
+    env = {**FAST, "CONSOLE_PREVIEWS": "true"}
+    return make_node(seconds_per_step=0.15, env=env, comfy_args=LATENT_PREVIEWS).start()  # type: ignore[no-any-return]
+
+
+def running_entry(node: Node, task_id: str) -> dict[str, Any] | None:
+    return next((j for j in api(node)["running"] if j["taskId"] == task_id), None)
+
+
+def preview_files(node: Node) -> list[Path]:
+    folder = node.spool.previews
+    return sorted(folder.iterdir()) if folder.exists() else []
 
 
 def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> None:
-    node.drop("ok-1.json", task("ok-1", steps=2))
+    node.drop("ok-1.json", task("ok-1", steps=10))
     node.drop("bad-1.json", failing_task("bad-1"))
+    # Previews off: while ok-1 runs (ComfyUI sending a preview a step) nothing is written, nothing is served.
+    entry = wait_until(lambda: (j := running_entry(node, "ok-1")) and (j["progress"] or {}).get("max") and j, 30,
+                       "ok-1 running with progress")
+    assert entry["preview"] is False and entry["previewVersion"] is None
+    assert preview_files(node) == [] and get(node, "/api/preview/ok-1")[0] == 404
     node.wait_results({"ok-1", "bad-1"})
 
     def listed() -> dict[str, Any] | None:
@@ -93,6 +119,23 @@ def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> N
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["source"] == "spool"
+
+
+def test_preview_of_the_running_task_is_served_while_it_runs_then_gone(preview_node: Node) -> None:
+    node = preview_node
+    node.drop("pv-1.json", task("pv-1", steps=30))  # 30 × 0.15 s
+    first = wait_until(lambda: (j := running_entry(node, "pv-1")) and j["preview"] and j["previewVersion"], 30,
+                       "pv-1 running with a preview")
+    status, headers, image = get(node, "/api/preview/pv-1")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and image.startswith(b"\xff\xd8\xff")
+    assert headers["Cache-Control"] == "no-store"
+    assert [p.name for p in preview_files(node)] == ["pv-1.preview"]
+    wait_until(lambda: (j := running_entry(node, "pv-1")) and j["previewVersion"] not in (None, first), 10,
+               "a newer preview of pv-1")
+    for bad in ("nope", ".hidden", "a%2F..%2Fb", "x" * 129):  # unknown, not task ids, escaping: all 404
+        assert get(node, f"/api/preview/{bad}")[0] == 404, bad
+    assert node.wait_results({"pv-1"})["pv-1"]["status"] == "completed"
+    assert preview_files(node) == [] and get(node, "/api/preview/pv-1")[0] == 404
 
 
 # --- the browser ---------------------------------------------------------------------------------------------------
@@ -150,6 +193,27 @@ def js(driver: Any, script: str) -> Any:
     return driver.execute_script(script)
 
 
+PREVIEW_RECT = ("const r = document.querySelector('img[data-preview=\"slow-1\"]').getBoundingClientRect();"
+                "const k = window.devicePixelRatio; return [r.left * k, r.top * k, r.right * k, r.bottom * k];")
+
+
+def preview_shown(driver: Any, task_id: str) -> str | None:
+    """The version of the task's preview <img> once the browser has decoded it, None before."""
+    return js(driver, f"const i = document.querySelector('img[data-preview=\"{task_id}\"]');"  # type: ignore[no-any-return]
+                      "return i && i.complete && i.naturalWidth > 0 ? i.dataset.version : null;")
+
+
+def assert_preview_not_blank(shot: Path, rect: list[float]) -> None:
+    """The double's latent2rgb preview is one colour per step, with one channel at 128 or more: far from the
+    page's dark card behind it."""
+    with Image.open(shot) as img:
+        left, top, right, bottom = (int(v) for v in rect)
+        crop = img.convert("RGB").crop((left, top, right, bottom))
+        mean = ImageStat.Stat(crop).mean
+    assert crop.size[0] >= 64 and crop.size[1] >= 64, crop.size
+    assert max(mean) > 100, f"the preview in {shot.name} looks blank: mean colour {mean}"
+
+
 def fake_vram(node: Node, used_fraction: float) -> None:
     """The double's /system_stats then reports a CUDA device, which the watchdog reads as GPU 0 (source comfyui)."""
     total = 24 << 30
@@ -160,7 +224,9 @@ def fake_vram(node: Node, used_fraction: float) -> None:
 
 
 @pytest.mark.browser
-def test_page_in_chromium_shows_progress_results_and_failures(node: Node, browser: Any, tmp_path: Path) -> None:
+def test_page_in_chromium_shows_progress_results_and_failures(preview_node: Node, browser: Any,
+                                                              tmp_path: Path) -> None:
+    node = preview_node  # CONSOLE_PREVIEWS=true: the running task's preview beside its progress bar
     fake_vram(node, 0.3)
     browser.get(f"http://127.0.0.1:{node.env['METRICS_PORT']}/")
     # The GPU's memory chart fills point by point, one per watchdog tick, without a reload.
@@ -184,8 +250,12 @@ def test_page_in_chromium_shows_progress_results_and_failures(node: Node, browse
                        f"the progress bar moving past {first} without a reload")
     width = js(browser, "return document.querySelector('.job[data-task=\"slow-1\"] .fill').style.width")
     assert 0 < float(width.rstrip("%")) < 100, width
+    shown = wait_until(lambda: preview_shown(browser, "slow-1"), 30, "slow-1's preview image loaded")
+    wait_until(lambda: (now := preview_shown(browser, "slow-1")) and now != shown, 30,
+               "slow-1's preview replaced by a newer one without a reload")
     mid = screenshot(browser, tmp_path / "console-mid-task.png")
     assert later < 40
+    assert_preview_not_blank(mid, js(browser, PREVIEW_RECT))
 
     wait_until(lambda: js(browser, "return !!document.querySelector('#results tr[data-task=\"slow-1\"]"
                                    "[data-status=\"completed\"]')"), 60, "slow-1 completed on the page")
@@ -232,7 +302,23 @@ def test_running_jobs_leave_the_workflow_out(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{")
     jobs = running_jobs(sorted(tmp_path.glob("*.json")), 100.0)
     assert jobs == [{"taskId": "t", "state": "running", "attempt": 2, "progress": {"value": 3, "max": 10, "node": "3"},
-                     "startedAt": 90.0, "elapsedS": 10.0}]
+                     "startedAt": 90.0, "elapsedS": 10.0, "preview": False, "previewVersion": None}]
+
+
+def test_running_jobs_say_whether_a_preview_exists(tmp_path: Path) -> None:
+    from selfix.console import running_jobs, sniff
+
+    spool = Spool(tmp_path / "spool").ensure()
+    for task_id in ("a", "b"):
+        spool.write_processing({"taskId": task_id, "state": "submitted"})
+    spool.write_preview("a", b"\xff\xd8\xff\xe0 a jpeg")
+    jobs = {j["taskId"]: j for j in running_jobs(spool.processing_files(), 1.0, spool)}
+    assert jobs["a"]["preview"] is True and jobs["a"]["previewVersion"] == spool.preview_version("a")
+    assert jobs["b"]["preview"] is False and jobs["b"]["previewVersion"] is None
+    off = running_jobs(spool.processing_files(), 1.0)  # CONSOLE_PREVIEWS off: the file is not even looked at
+    assert [j["preview"] for j in off] == [False, False]
+    assert sniff(b"\x89PNG\r\n\x1a\n...") == "image/png" and sniff(b"\xff\xd8\xff") == "image/jpeg"
+    assert sniff(b"") is None and sniff(b"GIF89a") is None
 
 
 def test_gpu_history_keeps_ten_minutes() -> None:
