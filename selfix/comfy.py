@@ -243,7 +243,7 @@ def _preview(prompt_id: str | None, node_id: str | None, media_type: object, ima
 
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
 PreviewHandler = Callable[[PreviewFrame], None]
-# After these no `progress` of that prompt comes: a legacy preview frame is not tied to it any longer.
+# Prompt boundaries: a legacy preview frame after one of these belongs to no prompt until the next `progress`.
 _PROMPT_BOUNDARIES = frozenset({"execution_start", "execution_success", "execution_error", "execution_interrupted"})
 
 

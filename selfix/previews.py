@@ -15,6 +15,8 @@ from selfix.clock import Clock
 from selfix.comfy import PreviewFrame
 from selfix.spool import Spool
 
+__all__ = ["MIN_INTERVAL_S", "PreviewFrame", "PreviewKeeper"]
+
 MIN_INTERVAL_S = 0.25  # four previews a second at most: ~40 KB each, a few hundred microseconds of writing
 
 

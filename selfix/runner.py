@@ -24,15 +24,7 @@ from selfix import messages as m
 from selfix import outputs, stats
 from selfix.backoff import compute_backoff
 from selfix.clock import Clock, SystemClock
-from selfix.comfy import (
-    ComfyClient,
-    ComfyRejected,
-    ComfyUnavailable,
-    EventStream,
-    OutputTooLarge,
-    PreviewFrame,
-    prompt_id_for,
-)
+from selfix.comfy import ComfyClient, ComfyRejected, ComfyUnavailable, EventStream, OutputTooLarge, prompt_id_for
 from selfix.control import RunnerControl, deadline_label, deadline_s
 from selfix.faults import crashpoint
 from selfix.files import DISK_RETRY_MAX_S, DiskFull, disk_full_error
@@ -50,7 +42,7 @@ from selfix.outcomes import (
     terminal_message,
 )
 from selfix.prepare import prepare, remove_task_files
-from selfix.previews import PreviewKeeper
+from selfix.previews import PreviewFrame, PreviewKeeper
 from selfix.process import EXIT_ABORTED, EXIT_OK, Program, StopFlags, run_async
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
