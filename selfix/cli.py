@@ -707,7 +707,10 @@ def doctor_checks(settings: Settings) -> list[Check]:
         checks = [("spool", False, f"{settings.spool_dir} does not exist: no node has run there (start one with "
                    "./scripts/run, or name its spool with --spool DIR, SPOOL_DIR or SELFIX_HOME)")]
     try:
-        checks.append(("comfyui command", True, shlex.join(comfy_argv(settings))))
+        argv = comfy_argv(settings)
+        checks.append(("comfyui command", True, shlex.join(argv)))
+        if settings.console_previews:
+            checks.append(_previews_check(argv))
     except SettingsError as exc:
         checks.append(("comfyui command", False, str(exc)))
     up = comfy_alive(settings)
@@ -719,6 +722,23 @@ def doctor_checks(settings: Settings) -> list[Check]:
 
         checks.extend(check_kafka(settings))
     return checks
+
+
+def preview_method(argv: list[str]) -> str:
+    """ComfyUI's --preview-method in its command line; `none`, ComfyUI's default, where it is not given."""
+    for i, arg in enumerate(argv):
+        if arg == "--preview-method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preview-method="):
+            return arg.partition("=")[2]
+    return "none"
+
+
+def _previews_check(argv: list[str]) -> Check:
+    """Informational: CONSOLE_PREVIEWS shows nothing unless ComfyUI makes previews."""
+    method = preview_method(argv)
+    hint = ": ComfyUI sends none (add --preview-method latent2rgb to COMFY_ARGS)" if method == "none" else ""
+    return ("console previews", True, f"on, ComfyUI's --preview-method is {method}{hint}")
 
 
 def _gpu_check() -> Check:

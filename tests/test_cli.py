@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from selfix.cli import comfy_argv, extra_model_paths, merge_record, node_record
+from selfix.cli import comfy_argv, extra_model_paths, merge_record, node_record, preview_method
 from selfix.settings import SettingsError, load
 from selfix.spool import Spool
 from tests.servers.node_plugin import task
@@ -61,9 +61,11 @@ def test_status_json_counts_every_state(env: dict[str, str], tmp_path: Path) -> 
 
 
 def test_doctor_reports_each_check_and_fails_without_comfyui(env: dict[str, str]) -> None:
-    out = run(["doctor"], {**env, "S3_SECRET_KEY": "hunter2-secret", "COMFY_COMMAND": "true"})
+    out = run(["doctor"], {**env, "S3_SECRET_KEY": "hunter2-secret", "COMFY_COMMAND": "true",
+                           "CONSOLE_PREVIEWS": "true"})
     assert out.returncode == 1
     assert "ok   spool" in out.stdout and "FAIL comfyui:" in out.stdout
+    assert "ok   console previews: on, ComfyUI's --preview-method is none: ComfyUI sends none" in out.stdout
     assert "ok   gpu: " in out.stdout
     assert "S3_SECRET_KEY=***" in out.stdout and "hunter2-secret" not in out.stdout
 
@@ -80,6 +82,12 @@ def test_comfy_command_placeholders_and_missing_comfyui_dir_message(tmp_path: Pa
     argv = comfy_argv(load({"COMFYUI_DIR": str(tmp_path), "COMFY_ARGS": "--cpu --lowvram"}))
     assert argv[1] == str(tmp_path / "main.py") and argv[-2:] == ["--cpu", "--lowvram"]
     assert argv[2:4] == ["--listen", "127.0.0.1"]
+
+
+def test_preview_method_is_read_from_the_comfyui_command() -> None:
+    assert preview_method(["main.py", "--preview-method", "taesd", "--cpu"]) == "taesd"
+    assert preview_method(["main.py", "--preview-method=latent2rgb"]) == "latent2rgb"
+    assert preview_method(["main.py", "--cpu"]) == preview_method(["main.py", "--preview-method"]) == "none"
 
 
 def test_extra_model_paths_lists_base_models_and_lora_cache(tmp_path: Path) -> None:
