@@ -74,7 +74,7 @@ def preview_files(node: Node) -> list[Path]:
 
 
 def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> None:
-    node.drop("ok-1.json", task("ok-1", steps=10))
+    node.drop("ok-1.json", task("ok-1", steps=20))  # 3 s: seen running
     node.drop("bad-1.json", failing_task("bad-1"))
     # Previews off: while ok-1 runs (ComfyUI sending a preview a step) nothing is written, nothing is served.
     entry = wait_until(lambda: (j := running_entry(node, "ok-1")) and (j["progress"] or {}).get("max") and j, 30,
@@ -123,7 +123,7 @@ def test_api_status_shows_the_node_and_no_secret_prompt_or_user(node: Node) -> N
 
 def test_preview_of_the_running_task_is_served_while_it_runs_then_gone(preview_node: Node) -> None:
     node = preview_node
-    node.drop("pv-1.json", task("pv-1", steps=30))  # 30 × 0.15 s
+    node.drop("pv-1.json", task("pv-1", steps=40))  # 40 × 0.15 s
     first = wait_until(lambda: (j := running_entry(node, "pv-1")) and j["preview"] and j["previewVersion"], 30,
                        "pv-1 running with a preview")
     status, headers, image = get(node, "/api/preview/pv-1")
