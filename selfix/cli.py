@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from selfix import process
-from selfix.messages import strict_loads
+from selfix.job import JobState
 from selfix.process import EXIT_CONFIG, EXIT_IN_USE, EXIT_TEMPFAIL, SpoolInUse
 from selfix.settings import (
     CONTAINER_HOME,
@@ -364,12 +364,12 @@ def progress_line(spool: Spool, task_id: str) -> str:
     """One line on where a task is: queued, running in ComfyUI with its progress bar, or being published."""
     state = spool.state_of(task_id)
     if state == "processing":
-        try:
-            job = strict_loads(spool.processing_path(task_id).read_bytes())
-        except (OSError, ValueError):
+        job = spool.processing_job(task_id)
+        if job is None:
             return f"{task_id}: running"
-        bar = _bar(job.get("progress"))
-        doing = "running" if bar else {"claimed": "preparing (LoRAs, input images)"}.get(job.get("state"), "in ComfyUI")
+        bar = _bar(job.progress.to_dict() if job.progress else None)
+        doing = "running" if bar else ("preparing (LoRAs, input images)" if job.state == JobState.CLAIMED
+                                       else "in ComfyUI")
         return f"{task_id}: {doing} {bar}".rstrip()
     if state == "outbox":
         return f"{task_id}: publishing the result"
@@ -474,15 +474,11 @@ def status_snapshot(settings: Settings) -> dict[str, Any]:
     spool = Spool(settings.spool_dir)
     now = time.time()
     running = []
-    for path in spool.processing_files():
-        try:
-            job = strict_loads(path.read_bytes())
-        except (ValueError, OSError):
-            continue
-        started = job.get("startedAt")
-        running.append({"taskId": job.get("taskId"), "state": job.get("state"), "attempt": job.get("attempt"),
-                        "progress": job.get("progress"), "startedAt": started,
-                        "elapsedS": round(now - started, 1) if isinstance(started, int | float) else None})
+    for job in spool.processing_jobs():
+        started = job.started_at
+        running.append({"taskId": job.task_id, "state": job.state and job.state.value, "attempt": job.attempt,
+                        "progress": job.progress and job.progress.to_dict(), "startedAt": started,
+                        "elapsedS": round(now - started, 1) if started is not None else None})
     failures = []
     names = os.listdir(spool.done) if spool.done.exists() else []
     mtimes = {}
@@ -604,12 +600,12 @@ def render_status(snap: dict[str, Any]) -> str:
                      f"without a result: {oldest}")
     else:
         lines.append(f"unresolved: 0 (no task older than {_ago(unresolved.get('afterS'))} without a result)")
-    for job in snap["running"]:
-        elapsed = f" {_ago(job.get('elapsedS'))}" if job.get("elapsedS") is not None else ""
-        node = (job.get("progress") or {}).get("node")
+    for row in snap["running"]:
+        elapsed = f" {_ago(row.get('elapsedS'))}" if row.get("elapsedS") is not None else ""
+        node = (row.get("progress") or {}).get("node")
         where = f" node {node}" if node else ""
-        lines.append(f"  {job['state'] or '-':<10} {job['taskId']} attempt {job['attempt']}{elapsed} "
-                     f"{_bar(job['progress'])}{where}".rstrip())
+        lines.append(f"  {row['state'] or '-':<10} {row['taskId']} attempt {row['attempt']}{elapsed} "
+                     f"{_bar(row['progress'])}{where}".rstrip())
     cancels = snap.get("cancelRequests")
     if cancels and (cancels["pending"] or cancels["handled"]):
         lines.append(f"cancel requests: {cancels['pending']} waiting for their task, {cancels['handled']} applied")

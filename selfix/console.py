@@ -33,6 +33,7 @@ from aiohttp import web
 from loguru import logger
 
 from selfix.comfy import IMAGE_MAGIC
+from selfix.job import Job
 from selfix.settings import Settings
 from selfix.spool import Spool, valid_task_id
 
@@ -80,25 +81,15 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def running_jobs(paths: Iterable[Path], now: float, previews: Spool | None = None) -> list[dict[str, Any]]:
+def running_jobs(jobs: Iterable[Job], now: float, previews: Spool | None = None) -> list[dict[str, Any]]:
     """The claimed jobs (processing/), reduced to id, state, attempt, progress and timing; with `previews` (the
     spool, CONSOLE_PREVIEWS on) whether each has a preview and its version, which changes with every new one."""
     out = []
-    for path in paths:
-        try:
-            job = json.loads(path.read_bytes())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(job, dict):
-            continue
-        started = _number(job.get("startedAt"))
-        raw = job.get("progress")
-        progress = ({k: raw.get(k) for k in ("value", "max", "node")} if isinstance(raw, dict) else None)
-        task_id = job.get("taskId")
-        version = (previews.preview_version(task_id)
-                   if previews and isinstance(task_id, str) and valid_task_id(task_id) else None)
-        out.append({"taskId": task_id, "state": job.get("state"), "attempt": job.get("attempt"),
-                    "progress": progress, "startedAt": started,
+    for job in jobs:
+        started = None if job.started_at is None else float(job.started_at)
+        version = previews.preview_version(job.task_id) if previews else None
+        out.append({"taskId": job.task_id, "state": job.state and job.state.value, "attempt": job.attempt,
+                    "progress": job.progress and job.progress.to_dict(), "startedAt": started,
                     "elapsedS": round(now - started, 1) if started is not None else None,
                     "preview": version is not None, "previewVersion": version})
     return out
@@ -179,7 +170,7 @@ class Console:
             if isinstance(raw, dict):
                 status = {**raw, "ageS": round(now - float(raw.get("at", 0)), 1)}
         previews = self.wd.spool if self.wd.settings.console_previews else None
-        return status, running_jobs(self.wd.spool.processing_files(), now, previews)
+        return status, running_jobs(self.wd.spool.processing_jobs(), now, previews)
 
     async def refresh(self) -> None:
         """Rebuild the document. Memory is read on the loop thread (the tick mutates it there), files in a thread."""

@@ -37,7 +37,7 @@ from selfix.backoff import compute_backoff
 from selfix.control import listener_for
 from selfix.files import DiskFull, disk_full_error
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
-from selfix.messages import Limits, peek_ids, strict_loads
+from selfix.messages import Limits, peek_ids
 from selfix.process import EXIT_ABORTED, EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, Program, StopFlags, run
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -450,8 +450,8 @@ class KafkaIntake:
         delivers them again (to this node's successor or to another one)."""
         withdrawn = 0
         for entry in self.spool.inbox_entries():
-            raw = self.spool.read_inbox(entry)
-            source = _source_of(raw)
+            job = self.spool.read_inbox_job(entry)
+            source = job.source if job is not None else None
             if source and (source.get("topic"), source.get("partition")) in parts and self.spool.withdraw(entry):
                 withdrawn += 1
                 logger.bind(task_id=entry.task_id).info("withdrawn from inbox/: {}", why)
@@ -566,17 +566,6 @@ def _count(directory: Path) -> int:
         return sum(1 for name in os.listdir(directory) if not name.startswith("."))
     except FileNotFoundError:
         return 0
-
-
-def _source_of(raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        job = strict_loads(raw)
-    except ValueError:
-        return None
-    source = job.get("source") if isinstance(job, dict) else None
-    return source if isinstance(source, dict) else None
 
 
 def _show(offsets: Mapping[k.TP, int]) -> str:

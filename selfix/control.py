@@ -28,7 +28,6 @@ is a no-op, so reading a message twice is harmless.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from loguru import logger
 from selfix import kafka as k
 from selfix import messages as m
 from selfix.comfy import ComfyUnavailable
+from selfix.job import Job, JobState
 from selfix.outcomes import Verdict, judge, terminal_message
 from selfix.prepare import remove_task_files
 from selfix.settings import Settings
@@ -58,32 +58,32 @@ REASSIGN_EVERY_S = 60.0  # the control topic's partitions are looked up again (p
 
 # --- pure decisions ------------------------------------------------------------------------------------------
 
-def deadline_s(job: dict[str, Any], default_s: float) -> float:
+def deadline_s(job: Job, default_s: float) -> float:
     """The job's time allowed inside ComfyUI: its own timeoutS (validated at intake to be <= the cap), else
     JOB_TIMEOUT_S."""
-    own = job.get("timeoutS")
-    return min(float(own), default_s) if isinstance(own, int | float) and own > 0 else default_s
+    own = job.timeout_s
+    return min(float(own), default_s) if own is not None and own > 0 else default_s
 
 
-def deadline_label(job: dict[str, Any], default_s: float) -> str:
-    own = job.get("timeoutS")
-    if isinstance(own, int | float) and 0 < own < default_s:
+def deadline_label(job: Job, default_s: float) -> str:
+    own = job.timeout_s
+    if own is not None and 0 < own < default_s:
         return f"timeoutS={float(own):g}s"
     return f"JOB_TIMEOUT_S={default_s:g}s"
 
 
-def expiry_error(job: dict[str, Any], now: float) -> m.TaskError | None:
-    expires = job.get("expiresAt")
-    if isinstance(expires, int | float) and now >= expires:
+def expiry_error(job: Job, now: float) -> m.TaskError | None:
+    expires = job.expires_at
+    if expires is not None and now >= expires:
         late = now - float(expires)
         return m.TaskError(EXPIRED, f"the task expired {late:.1f}s ago (expiresAt {float(expires):.3f}) before "
                                     "it started; it was not run")
     return None
 
 
-def user_matches(record: dict[str, Any], job: dict[str, Any]) -> bool:
+def user_matches(record: dict[str, Any], job: Job) -> bool:
     """A tombstone without userId is an operator's (`selfix cancel` without --user): it matches any task."""
-    return record.get("userId") is None or record.get("userId") == job.get("userId")
+    return record.get("userId") is None or record.get("userId") == job.user_id
 
 
 def cancel_error(record: dict[str, Any], where: str) -> m.TaskError:
@@ -130,10 +130,10 @@ def request_cancel(spool: Spool, task_id: str, user_id: str | None, via: str,
     return spool.write_cancel(record)
 
 
-def refusal(spool: Spool, job: dict[str, Any], now: float | None = None) -> m.TaskError | None:
+def refusal(spool: Spool, job: Job, now: float | None = None) -> m.TaskError | None:
     """Why this not-yet-started job must not run (a matching tombstone, or its expiry), or None. At intake and
     when the runner claims it. A tombstone of another user is refused here, once, and logged."""
-    record = spool.read_cancel(str(job["taskId"]))
+    record = spool.read_cancel(job.task_id)
     # "interrupted": the runner died before it wrote the cancelled result, and the retry must not run it again
     if record is not None and record.get("handled") in (None, "interrupted"):
         if user_matches(record, job):
@@ -148,9 +148,9 @@ def _mark(spool: Spool, record: dict[str, Any], outcome: str) -> None:
     spool.mark_cancel(record)
 
 
-def _refuse(spool: Spool, record: dict[str, Any], job: dict[str, Any]) -> None:
+def _refuse(spool: Spool, record: dict[str, Any], job: Job) -> None:
     logger.bind(task_id=record["taskId"]).warning(
-        "cancel refused: its userId {!r} is not the task's ({!r})", record.get("userId"), job.get("userId"))
+        "cancel refused: its userId {!r} is not the task's ({!r})", record.get("userId"), job.user_id)
     _mark(spool, record, "refused: userId does not match")
 
 
@@ -179,10 +179,11 @@ class RunnerControl:
         settings = self.r.settings
         remove_task_files(settings.comfy_output_dir, settings.comfy_input_dir, inf.task_id)
         ran = 0.0
-        if inf.started_at or inf.job.get("startedAt"):
-            ran = max(0.0, time.time() - float(inf.started_at or inf.job["startedAt"]))
+        began = inf.started_at or inf.job.started_at
+        if began:
+            ran = max(0.0, time.time() - float(began))
         meta = {**self.r.metadata(inf, entry), "ranS": round(ran, 3)}
-        self.r.spool.write_result(m.failed_result(inf.task_id, inf.job.get("userId"), error, meta))
+        self.r.spool.write_result(m.failed_result(inf.task_id, inf.job.user_id, error, meta))
         self.r.spool.drop_processing(inf.task_id)
         inf.log().warning("{}: {}", error.code, error.message)
 
@@ -246,26 +247,22 @@ class RunnerControl:
 
         spool = self.r.spool
         entry = spool.inbox_entry_of(str(record["taskId"]))
-        raw = spool.read_inbox(entry) if entry is not None else None
-        if entry is None or raw is None:
-            return "retry"
-        try:
-            job = json.loads(raw)
-        except ValueError:
-            return "retry"  # the runner quarantines it when it reaches it
+        job = spool.read_inbox_job(entry) if entry is not None else None
+        if entry is None or job is None:
+            return "retry"  # taken meanwhile, or unreadable: the runner quarantines it when it reaches it
         if not user_matches(record, job):
             _refuse(spool, record, job)
             return None
         if spool.claim(entry) is None:
             return "retry"  # the runner claimed it first: it is about to look at the tombstone itself
-        self.finish(Inflight(job, str(job.get("promptId") or "")), cancel_error(record, "in inbox/"))
+        self.finish(Inflight(job, job.prompt_id or ""), cancel_error(record, "in inbox/"))
         return "cancelled in inbox/"
 
     async def stop(self, inf: Inflight, record: dict[str, Any]) -> str:
         if inf.cancelled_by is not None:
             return "interrupted"
         try:
-            if not (inf.started_at or inf.job.get("startedAt")):
+            if not (inf.started_at or inf.job.started_at):
                 withdrawn = await self.withdraw(inf, cancel_error(record, "queued in ComfyUI"))
                 if withdrawn is not None:
                     return withdrawn
@@ -299,7 +296,7 @@ class RunnerControl:
     async def expire_queued(self, now: float) -> None:
         """A job queued ahead in ComfyUI whose expiry passes before it starts is taken out of the queue."""
         for inf in list(self.r.inflight.values()):
-            if (inf.started_at or inf.job.get("startedAt") or inf.job.get("state") != "submitted"
+            if (inf.started_at or inf.job.started_at or inf.job.state != JobState.SUBMITTED
                     or inf.rejection is not None):
                 continue
             error = expiry_error(inf.job, now)

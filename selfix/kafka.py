@@ -28,7 +28,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -36,7 +35,6 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._metadata import ClusterMetadata
 from loguru import logger
 
-from selfix.messages import strict_loads
 from selfix.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -656,27 +654,17 @@ class ProgressWatcher:
             return
         self.last_tick = now
         seen: set[str] = set()
-        for path in self.spool.processing_files():
-            job = _read_json(path)
-            if job is None:
-                continue
-            task_id, attempt = str(job.get("taskId", path.stem)), int(job.get("attempt", 1))
+        for job in self.spool.processing_jobs():
+            task_id, attempt = job.task_id, job.attempt
             seen.add(task_id)
-            if job.get("startedAt") and (task_id, attempt) not in self.started:
+            if job.started_at and (task_id, attempt) not in self.started:
                 self.started.add((task_id, attempt))
-                self.emit("started", task_id, job.get("userId"), attempt=attempt, startedAt=job["startedAt"])
-            progress = job.get("progress")
+                self.emit("started", task_id, job.user_id, attempt=attempt, startedAt=job.started_at)
+            progress = job.progress.to_dict() if job.progress else None
             last = self.progress.get(task_id)
             if progress and (last is None or (last[1] != progress and now - last[0] >= self.progress_every)):
                 self.progress[task_id] = (now, progress)
-                self.emit("progress", task_id, job.get("userId"), attempt=attempt, progress=progress)
+                self.emit("progress", task_id, job.user_id, attempt=attempt, progress=progress)
         self.started = {k for k in self.started if k[0] in seen}
         self.progress = {k: v for k, v in self.progress.items() if k in seen}
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        obj = strict_loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None

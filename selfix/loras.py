@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
@@ -59,7 +58,6 @@ from selfix.messages import (
     Limits,
     TaskError,
     check_lora_key,
-    strict_loads,
 )
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -179,13 +177,8 @@ class Entry:
 def keys_in_processing(spool: Spool) -> set[str]:
     """LoRA keys of the jobs in processing/ (claimed, being prepared, queued in or running inside ComfyUI)."""
     keys: set[str] = set()
-    for path in spool.processing_files():
-        try:
-            job = strict_loads(path.read_bytes())
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or being quarantined
-        if isinstance(job, dict):
-            keys.update(k for k in job.get("loraModels") or [] if isinstance(k, str))
+    for job in spool.processing_jobs():  # a file gone meanwhile, or being quarantined, is skipped
+        keys.update(job.lora_models)
     return keys
 
 
@@ -752,19 +745,12 @@ class Prefetcher:
         """(key, userId) of the LoRAs of the next `depth` jobs in inbox/, in run order."""
         wanted: list[tuple[str, str]] = []
         for entry in self.spool.inbox_entries()[: self.depth]:
-            raw = self.spool.read_inbox(entry)
-            try:
-                job: Any = strict_loads(raw) if raw else None
-            except ValueError:
-                continue
-            if not isinstance(job, dict):
-                continue
-            user = job.get("userId")
-            if not isinstance(user, str):
+            job = self.spool.read_inbox_job(entry)
+            if job is None or job.user_id is None:
                 continue  # not a job the runner would run: nothing to fetch for it
-            for key in job.get("loraModels") or []:
-                if isinstance(key, str) and (key, user) not in wanted:
-                    wanted.append((key, user))
+            for key in job.lora_models:
+                if (key, job.user_id) not in wanted:
+                    wanted.append((key, job.user_id))
         return wanted
 
     def once(self) -> None:

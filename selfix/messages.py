@@ -3,8 +3,9 @@
 A task that fails validation becomes a failed result with a specific code when its taskId can be read; without a
 readable taskId there is nobody to answer, so the caller quarantines the bytes (corrupt/ or the DLQ).
 
-Tasks and job files are parsed by `strict_loads` only: RFC 8259 JSON in UTF-8. A message that is not strict JSON is
-still answered when its taskId can be read some other way (`peek_ids`: a lenient parse, then a byte scan).
+Tasks and job files are parsed by `strict_loads` (selfix/strictjson.py) only: RFC 8259 JSON in UTF-8. A message
+that is not strict JSON is still answered when its taskId can be read some other way (`peek_ids`: a lenient parse,
+then a byte scan).
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import posixpath
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfix.job import Job
 from selfix.settings import DEFAULT_NODE_DENYLIST
 from selfix.spool import PRIORITY_MAX, PRIORITY_MIN, has_control, valid_task_id
+from selfix.strictjson import StrictJSONError as StrictJSONError  # re-exported: callers find them here
+from selfix.strictjson import strict_loads as strict_loads
 
 # Error codes a client can act on. retriable says whether sending the same task again could succeed.
 INVALID_MESSAGE = "invalid_message"
@@ -58,9 +60,6 @@ DATA_URL_RE = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,(?P<payload>.*)
 # peek_ids' last resort on bytes no parser accepts: "taskId": "<id>" anywhere, used only when all agree.
 _ID_SCAN = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9._-]{1,128})"')
             for name in ("taskId", "userId")}
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a candidate only: pairs are fine, checked after parsing
-_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xef\xbb\xbf", "UTF-8"),
-         (b"\xfe\xff", "UTF-16"), (b"\xff\xfe", "UTF-16"))  # UTF-32 first: its LE BOM starts like UTF-16's
 
 
 class TaskError(Exception):
@@ -118,83 +117,14 @@ class Task:
     control: dict[str, float] = field(default_factory=dict)  # timeoutS / expiresAt / ttlS as given
 
     def to_job(self, *, source: dict[str, Any] | None = None, now: float | None = None,
-               sent_at: float | None = None) -> dict[str, Any]:
-        """The job file's content: everything the runner needs, with its own bookkeeping fields."""
+               sent_at: float | None = None) -> Job:
+        """The job file's content: everything the runner needs; the runner adds its own bookkeeping fields."""
         stamp = time.time() if now is None else now
-        return {
-            "taskId": self.task_id, "userId": self.user_id, "priority": self.priority,
-            "workflow": self.workflow, "loraModels": list(self.lora_models), "images": dict(self.images),
-            "template": self.template, "output": self.output, "attempt": 1, "enqueuedAt": stamp, "notBefore": 0,
-            "source": source, **job_control_fields(self.control, sent_at or stamp),  # sent_at: Kafka timestamp
-        }
-
-
-# --- strict JSON ---------------------------------------------------------------------------------------
-
-class StrictJSONError(ValueError):
-    """Not RFC 8259 JSON in UTF-8; the message says what is wrong, never echoing more than a short excerpt."""
-
-
-def strict_loads(raw: bytes | str) -> Any:
-    """Parse RFC 8259 JSON, strictly. Bytes must be UTF-8 without a BOM: no encoding is guessed.
-
-    Refused besides what the json module refuses: NaN/Infinity/-Infinity, numbers that overflow a float (1e400
-    would become inf), integers over CPython's digit limit, lone surrogates (a "\\ud800" escape decodes to one,
-    and no UTF-8 encoder can write it back), and duplicate object keys (RFC 8259 leaves their meaning open;
-    parsers disagree on which one wins, so a task that says two things is refused instead of guessed).
-    """
-    text = _utf8_text(raw) if isinstance(raw, bytes) else raw
-    try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
-    except StrictJSONError:
-        raise
-    except RecursionError:
-        raise StrictJSONError("JSON is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and int()'s "Exceeds the limit (4300 digits)"
-        if "integer string conversion" in str(exc):
-            raise StrictJSONError(f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
-        raise StrictJSONError(f"not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(text):  # only an escape can produce a lone surrogate: valid UTF-8 holds none
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise StrictJSONError(f"a string holds a lone surrogate ({exc.object[exc.start:exc.end]!r}): "
-                                  "not a Unicode character") from None
-    return obj
-
-
-def _utf8_text(raw: bytes) -> str:
-    for bom, name in _BOMS:
-        if raw.startswith(bom):
-            raise StrictJSONError(f"text must be UTF-8 without a byte order mark, this starts with a {name} BOM")
-    if b"\x00" in raw[:4]:  # RFC 4627's detection: JSON text starts with ASCII, so NULs mean UTF-16/32
-        raise StrictJSONError("text must be UTF-8; this looks like UTF-16 or UTF-32")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise StrictJSONError(f"text is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise StrictJSONError(f"{name} is not a JSON value (RFC 8259 has no NaN or Infinity)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise StrictJSONError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise StrictJSONError(f"duplicate key {key[:60]!r} in one object")
-            seen.add(key)
-    return obj
+        control = job_control_fields(self.control, sent_at or stamp)  # sent_at: the Kafka message's timestamp
+        return Job(task_id=self.task_id, user_id=self.user_id, priority=self.priority, workflow=self.workflow,
+                   lora_models=self.lora_models, images=dict(self.images), template=self.template,
+                   output=self.output, attempt=1, enqueued_at=stamp, not_before=0, source=source,
+                   timeout_s=control.get("timeoutS"), expires_at=control.get("expiresAt"))
 
 
 # --- tasks ---------------------------------------------------------------------------------------------
@@ -532,11 +462,11 @@ def job_control_fields(control: dict[str, float], base_s: float) -> dict[str, fl
 
 # --- results -------------------------------------------------------------------------------------------
 
-def completed_result(job: dict[str, Any], image_paths: list[str], metadata: dict[str, Any],
+def completed_result(job: Job, image_paths: list[str], metadata: dict[str, Any],
                      outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """imagePath/imagePaths name the still images (the seed's contract); `outputs` lists every output."""
     return {
-        "taskId": job["taskId"], "userId": job.get("userId"), "status": "completed",
+        "taskId": job.task_id, "userId": job.user_id, "status": "completed",
         "imagePath": image_paths[0] if image_paths else None, "imagePaths": image_paths,
         "outputs": outputs if outputs is not None else [], "metadata": metadata,
     }

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from selfix import isolation
+from selfix.job import Job
 from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache
 from selfix.messages import (
     IMAGE_NAME_RE,
     INPUT_FORBIDDEN,
     INPUT_NOT_FOUND,
     INPUT_TOO_LARGE,
-    INVALID_MESSAGE,
     Limits,
     TaskError,
     check_user_key,
@@ -41,27 +41,23 @@ def is_image(head: bytes) -> bool:
     return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def place_images(job: dict[str, Any], store: ObjectStore, comfy_input_dir: Path, max_data_url_bytes: int,
+def place_images(job: Job, store: ObjectStore, comfy_input_dir: Path, max_data_url_bytes: int,
                  limits: Limits | None = None) -> dict[str, str]:
     """Write each input image to ComfyUI's input/selfix/<taskId>/<name>; return name → LoadImage value.
 
     An S3 image must be under the user's prefix and at most `max_data_url_bytes` (the same limit as a data: URL);
     either kind must really be a PNG, JPEG or WebP image.
     """
-    images = job.get("images") or {}
+    images = job.images  # its type checked when the file was read (selfix.job), its content checked here
     if not images:
         return {}
-    if not isinstance(images, dict):
-        raise TaskError(INVALID_MESSAGE, "images must be an object of file name -> object key or data: URL")
     limits = limits or Limits(max_data_url_bytes=max_data_url_bytes)
     for name, ref in images.items():  # every check before the first byte is written or fetched
-        if not isinstance(name, str) or not IMAGE_NAME_RE.fullmatch(name):
-            raise TaskError(INPUT_FORBIDDEN, f"image name {str(name)[:80]!r} must be a plain .png/.jpg/.webp name")
-        if not isinstance(ref, str):
-            raise TaskError(INVALID_MESSAGE, f"images[{name!r}] must be a string")
+        if not IMAGE_NAME_RE.fullmatch(name):
+            raise TaskError(INPUT_FORBIDDEN, f"image name {name[:80]!r} must be a plain .png/.jpg/.webp name")
         if not ref.startswith("data:"):
-            check_user_key(ref, str(job.get("userId")), limits, INPUT_FORBIDDEN, f"images[{name!r}]")
-    folder = input_dir_of(comfy_input_dir, job["taskId"])
+            check_user_key(ref, str(job.user_id), limits, INPUT_FORBIDDEN, f"images[{name!r}]")
+    folder = input_dir_of(comfy_input_dir, job.task_id)
     folder.mkdir(parents=True, exist_ok=True)
     bound = {}
     for name, ref in images.items():
@@ -78,7 +74,7 @@ def place_images(job: dict[str, Any], store: ObjectStore, comfy_input_dir: Path,
             os.replace(part, target)
         finally:
             part.unlink(missing_ok=True)
-        bound[name] = f"{task_subfolder(job['taskId'])}/{name}"
+        bound[name] = f"{task_subfolder(job.task_id)}/{name}"
     return bound
 
 
@@ -95,15 +91,13 @@ def _fetch_input(store: ObjectStore, key: str, part: Path, name: str, max_bytes:
         raise TaskError(exc.result_code("input"), f"images[{name!r}]: {exc}") from None
 
 
-def ensure_loras(job: dict[str, Any], loras: LoraCache) -> dict[str, str]:
+def ensure_loras(job: Job, loras: LoraCache) -> dict[str, str]:
     """key → the name ComfyUI lists, for each of the job's LoRAs (fetched when absent)."""
-    keys = [k for k in job.get("loraModels") or []]
+    keys = list(job.lora_models)
     bound = {}
     for key in keys:
-        if not isinstance(key, str):
-            raise TaskError(INVALID_MESSAGE, "loraModel must be a string or a list of strings")
         try:
-            bound[key] = loras.ensure(key, str(job.get("userId")))
+            bound[key] = loras.ensure(key, str(job.user_id))
         except CacheFull as exc:
             if exc.blocking and exc.blocking <= set(keys):
                 raise TaskError(LORA_TOO_LARGE, f"the job's LoRAs together do not fit the LoRA cache: {exc}") from None
@@ -111,7 +105,7 @@ def ensure_loras(job: dict[str, Any], loras: LoraCache) -> dict[str, str]:
     return bound
 
 
-def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_input_dir: Path,
+def prepare(job: Job, store: ObjectStore, loras: LoraCache, comfy_input_dir: Path,
             max_data_url_bytes: int, guard: isolation.Guard | None = None) -> dict[str, Any]:
     """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError.
 
@@ -120,12 +114,9 @@ def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_inp
     one, the LoRA cache and the input folder are the places checked, with the default node policy."""
     guard = guard or isolation.Guard(isolation.Roots(lora_cache_dir=loras.root, input_dir=comfy_input_dir),
                                      user_prefix=loras.limits.user_prefix)
-    task_id, user_id = str(job["taskId"]), str(job.get("userId"))
-    images = job.get("images") or {}
+    task_id, user_id, workflow = job.task_id, str(job.user_id), job.workflow or {}
     listing = guard.listing(loras.cached_keys())
-    lora_keys = [k for k in job.get("loraModels") or [] if isinstance(k, str)]
-    names = images if isinstance(images, dict) else {}
-    guard.check(job["workflow"], isolation.grant_for_task(task_id, user_id, lora_keys, names), listing,
+    guard.check(workflow, isolation.grant_for_task(task_id, user_id, list(job.lora_models), dict(job.images)), listing,
                 skip_inputs=frozenset({"filename_prefix"}))  # rewritten by patch() and checked after it
     bound_loras = ensure_loras(job, loras)
     limits = dataclasses.replace(loras.limits, max_data_url_bytes=max_data_url_bytes)
@@ -133,7 +124,7 @@ def prepare(job: dict[str, Any], store: ObjectStore, loras: LoraCache, comfy_inp
         bound_images = place_images(job, store, comfy_input_dir, max_data_url_bytes, limits)
     except OSError as exc:  # ComfyUI's input dir unwritable or full: the job waits, the runner lives
         raise StorageUnavailable(f"cannot write input images into {comfy_input_dir}: {exc}") from exc
-    patched = patch(job["workflow"], task_id, bound_loras, bound_images)
+    patched = patch(workflow, task_id, bound_loras, bound_images)
     guard.check(patched, isolation.grant_for_bound(task_id, user_id, bound_loras.values(), bound_images.values()),
                 listing)
     return patched

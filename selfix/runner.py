@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import socket
 import time
@@ -29,6 +30,7 @@ from selfix.control import RunnerControl, deadline_label, deadline_s
 from selfix.faults import crashpoint
 from selfix.files import DISK_RETRY_MAX_S, DiskFull, disk_full_error
 from selfix.isolation import Guard
+from selfix.job import Job, Progress
 from selfix.loras import LoraCache, Prefetcher
 from selfix.outcomes import (
     INTERRUPT_GRACE_S,
@@ -45,7 +47,7 @@ from selfix.prepare import prepare, remove_task_files
 from selfix.previews import PreviewFrame, PreviewKeeper
 from selfix.process import EXIT_ABORTED, EXIT_OK, Program, StopFlags, run_async
 from selfix.settings import Settings
-from selfix.spool import Spool, valid_task_id
+from selfix.spool import Spool
 from selfix.storage import ObjectStore, StorageError, open_store
 from selfix.workflow import collect_outputs
 
@@ -61,7 +63,7 @@ CANCEL_POLL_S = 0.2  # how often a prompt being removed (200 with node_errors) i
 class Inflight:
     """A job this runner queued in ComfyUI (or is about to)."""
 
-    job: dict[str, Any]
+    job: Job  # replaced (frozen), never changed in place: what processing/ holds, or is about to
     prompt_id: str
     head_since: float | None = None
     started_at: float | None = None
@@ -76,7 +78,7 @@ class Inflight:
 
     @property
     def task_id(self) -> str:
-        return str(self.job["taskId"])
+        return self.job.task_id
 
     def log(self) -> Any:
         return logger.bind(task_id=self.task_id)
@@ -216,24 +218,22 @@ class Runner:
             self.last_poke = now
             self.prefetcher.poke()
 
-    def load_job(self, path: Path) -> dict[str, Any] | None:
+    def load_job(self, path: Path) -> Job | None:
         try:
-            job = m.strict_loads(path.read_bytes())
-            if not isinstance(job, dict) or not valid_task_id(job.get("taskId")) or "workflow" not in job:
-                raise ValueError("not a selfix job object")
+            job = self.spool.load_job(path)
+            if job.workflow is None or job.enqueued_at is None:
+                raise ValueError("not a selfix job object (no workflow, or no enqueuedAt)")
             return job
         except (ValueError, UnicodeDecodeError) as exc:
             self.spool.quarantine(path, f"unreadable job file: {exc}")
             logger.error("{} moved to corrupt/: {}", path.name, exc)
             return None
 
-    async def start(self, job: dict[str, Any]) -> None:
+    async def start(self, job: Job) -> None:
         """Prepare (LoRA, inputs, patch) and queue one job; on failure, finish or hand it back."""
-        attempt = int(job.get("attempt", 1))
-        job.update(promptId=prompt_id_for(job["taskId"], attempt), state="claimed", claimedAt=self.clock.time())
-        job.pop("startedAt", None)
+        job = job.claimed(prompt_id_for(job.task_id, job.attempt), self.clock.time())
         self.spool.write_processing(job)
-        inf = Inflight(job, job["promptId"])
+        inf = Inflight(job, str(job.prompt_id))
         if self.control.refuse(inf):
             return
         try:
@@ -253,7 +253,7 @@ class Runner:
         await self.submit(inf, workflow)
 
     async def submit(self, inf: Inflight, workflow: dict[str, Any]) -> None:
-        inf.job["state"] = "submitting"
+        inf.job = inf.job.submitting()
         self.spool.write_processing(inf.job)
         self.inflight[inf.prompt_id] = inf
         if inf.head_since is None and next(iter(self.inflight)) == inf.prompt_id:
@@ -274,9 +274,9 @@ class Runner:
             inf.log().warning("ComfyUI unavailable while queueing: {}", exc)
             self.needs_reconcile = True
             return
-        inf.job.update(state="submitted", submittedAt=self.clock.time())
+        inf.job = inf.job.submitted(self.clock.time())
         self.spool.write_processing(inf.job)
-        inf.log().info("queued in ComfyUI as {} (attempt {})", inf.prompt_id, inf.job.get("attempt", 1))
+        inf.log().info("queued in ComfyUI as {} (attempt {})", inf.prompt_id, inf.job.attempt)
 
     # --- ComfyUI events --------------------------------------------------------------------------------
     async def on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -285,7 +285,7 @@ class Runner:
             return
         if kind == "execution_start":
             inf.started_at = self.clock.time()
-            inf.job["startedAt"] = inf.started_at
+            inf.job = inf.job.started(inf.started_at)
             self.note(inf.job)
             crashpoint(self.settings, self.spool, "runner.after_start")
         elif kind == "executing" and data.get("node") is None:
@@ -295,13 +295,13 @@ class Runner:
             self.record_progress(inf, data)
 
     def record_progress(self, inf: Inflight, data: dict[str, Any]) -> None:
-        inf.job["progress"] = {"value": data.get("value"), "max": data.get("max"), "node": data.get("node")}
+        inf.job = inf.job.with_progress(Progress(data.get("value"), data.get("max"), data.get("node")))
         now = self.clock.monotonic()
         if now - inf.progress_written >= PROGRESS_WRITE_S:
             inf.progress_written = now
             self.note(inf.job)
 
-    def note(self, job: dict[str, Any]) -> None:
+    def note(self, job: Job) -> None:
         """Record a running job's progress in processing/; on a full disk memory keeps it for the next write."""
         try:
             self.spool.write_processing(job)
@@ -357,7 +357,7 @@ class Runner:
     async def lost(self, inf: Inflight) -> None:
         del self.inflight[inf.prompt_id]
         self.promote_head()
-        verdict = on_lost(started=bool(inf.job.get("startedAt")))
+        verdict = on_lost(started=bool(inf.job.started_at))
         if verdict.kind == "retry" and verdict.error is not None:
             inf.log().warning("prompt {} vanished from ComfyUI mid-run (ComfyUI restarted?)", inf.prompt_id)
             self.retry(inf, verdict.error)
@@ -385,7 +385,7 @@ class Runner:
             # ComfyUI could not write its output (its disk is full): not the job's fault, so it runs again once
             # there is room, without using up an attempt, and as soon as the runner's disk backoff allows.
             self.defer(inf, "ComfyUI's disk is full", delay=compute_backoff(
-                min(int(inf.job.get("deferrals", 0)) + 1, 20), 0.25, DISK_RETRY_MAX_S))
+                min(inf.job.deferrals + 1, 20), 0.25, DISK_RETRY_MAX_S))
         elif verdict.kind == "retry" and verdict.error is not None:
             self.retry(inf, verdict.error)
         elif verdict.error is not None:
@@ -408,8 +408,8 @@ class Runner:
                                                     "any key of /history, no text)"))
             return
         settings = self.settings
-        plan = outputs.Plan(settings.user_prefix_for(inf.job["userId"]), inf.task_id,
-                            outputs.Encoding.of(inf.job.get("output"), settings.output_strip_metadata),
+        plan = outputs.Plan(settings.user_prefix_for(str(inf.job.user_id)), inf.task_id,
+                            outputs.Encoding.of(inf.job.output, settings.output_strip_metadata),
                             settings.max_output_bytes, settings.max_text_output_bytes)
         staged = self.spool.stage_result(inf.task_id)
         try:
@@ -435,10 +435,11 @@ class Runner:
         job, now = inf.job, self.clock.time()
         started = _history_times(entry)
         gen = (started[1] - started[0]) if started else 0.0
-        began = started[0] if started else (job.get("startedAt") or now)
+        began = started[0] if started else (job.started_at or now)
+        enqueued = job.enqueued_at if job.enqueued_at is not None else began  # load_job() made sure it is there
         meta = {
-            "generationTime": round(gen, 3), "queueTime": round(max(0.0, began - job["enqueuedAt"]), 3),
-            "totalTime": round(now - job["enqueuedAt"], 3), "attempts": int(job.get("attempt", 1)),
+            "generationTime": round(gen, 3), "queueTime": round(max(0.0, began - enqueued), 3),
+            "totalTime": round(now - enqueued, 3), "attempts": job.attempt,
             "promptId": inf.prompt_id,
         }
         if started:
@@ -446,37 +447,30 @@ class Runner:
         return meta
 
     def fail(self, inf: Inflight, error: m.TaskError) -> None:
-        result = m.failed_result(inf.task_id, inf.job.get("userId"), error, self.metadata(inf))
+        result = m.failed_result(inf.task_id, inf.job.user_id, error, self.metadata(inf))
         self.spool.write_result(result)
         self.spool.drop_processing(inf.task_id)
         inf.log().warning("failed: {} {}", error.code, error.message)
 
     def retry(self, inf: Inflight, error: m.TaskError) -> None:
         """Back to inbox/ with attempt + 1 after a jittered backoff, or a final failure past MAX_ATTEMPTS."""
-        job, attempt = dict(inf.job), int(inf.job.get("attempt", 1))  # a copy: a requeue cut short changes nothing
+        attempt = inf.job.attempt
         verdict = after_failure(error, attempt, self.settings.max_attempts)
         if verdict.kind == "fail" and verdict.error is not None:
             self.fail(inf, verdict.error)
             return
         delay = compute_backoff(attempt, self.settings.retry_base_s, self.settings.retry_max_s)
-        job.update(attempt=attempt + 1, notBefore=self.clock.time() + delay, lastError=error.as_error(),
-                   state="queued")
-        for key in ("promptId", "startedAt", "progress"):
-            job.pop(key, None)
-        self.spool.requeue(job)
+        self.spool.requeue(inf.job.retried(self.clock.time() + delay, error.as_error()))
         stats.incr("job_retries", code=error.code)  # watchdog metric selfix_job_retries_total
         inf.log().warning("retry {} in {:.1f}s after {}: {}", attempt + 1, delay, error.code, error.message)
 
     def defer(self, inf: Inflight, reason: str, delay: float | None = None) -> None:
         """An outage outside the job (store down, a full disk): wait and try again without using up an attempt."""
-        job = dict(inf.job)  # a copy: a requeue cut short (a full disk) changes nothing
-        job["deferrals"] = int(job.get("deferrals", 0)) + 1
+        job = dataclasses.replace(inf.job, deferrals=inf.job.deferrals + 1)  # inf.job unchanged if this is cut short
         if delay is None:
-            delay = compute_backoff(min(job["deferrals"], 10), max(self.settings.retry_base_s, 0.5),
+            delay = compute_backoff(min(job.deferrals, 10), max(self.settings.retry_base_s, 0.5),
                                     max(self.settings.retry_max_s, 1.0))
-        job.update(notBefore=self.clock.time() + delay, state="queued")
-        job.pop("promptId", None)
-        self.spool.requeue(job)
+        self.spool.requeue(job.deferred(self.clock.time() + delay))
         inf.log().warning("deferred {:.1f}s: {}", delay, reason)
 
     # --- a prompt ComfyUI accepted in part (200 with node_errors) --------------------------------------
@@ -484,7 +478,7 @@ class Runner:
         """ComfyUI queued the outputs that validated and will run them. The task fails, but only once nothing of
         that prompt is left: the intent is in processing/ first, so a runner restarted meanwhile finishes it."""
         inf.rejection = error
-        inf.job.update(state="cancelling", rejection=error.as_error())
+        inf.job = inf.job.cancelling(error.as_error())
         self.spool.write_processing(inf.job)
         inf.log().warning("ComfyUI queued prompt {} in part ({}); removing it before failing the task",
                           inf.prompt_id, error.message)
@@ -554,7 +548,7 @@ class Runner:
         """Draining: jobs queued in ComfyUI but not started go back to inbox/ (same attempt)."""
         if self.handed_back:
             return
-        slots = [Slot(i.prompt_id, bool(i.job.get("startedAt")), i.rejection is not None)
+        slots = [Slot(i.prompt_id, bool(i.job.started_at), i.rejection is not None)
                  for i in self.inflight.values()]
         pending = [self.inflight[pid] for pid in hand_back(slots)]
         try:
@@ -564,9 +558,7 @@ class Runner:
                 for inf in pending:
                     if not queue.holds(inf.prompt_id) and await self.client.history(inf.prompt_id) is None:
                         del self.inflight[inf.prompt_id]
-                        inf.job.update(state="queued")
-                        inf.job.pop("promptId", None)
-                        self.spool.requeue(inf.job)
+                        self.spool.requeue(inf.job.handed_back())
                         inf.log().info("handed back to inbox/ (draining)")
         except ComfyUnavailable as exc:
             logger.debug("hand-back postponed: {}", exc)
@@ -591,17 +583,17 @@ class Runner:
             job = self.load_job(path)
             if job is None:
                 continue
-            if self.spool.state_of(job["taskId"]) in ("outbox", "done"):
+            if self.spool.state_of(job.task_id) in ("outbox", "done"):
                 # Crashed between the outbox rename and this cleanup (the uploader may have published since).
-                self.spool.drop_processing(job["taskId"])
+                self.spool.drop_processing(job.task_id)
                 continue
             jobs.append(job)
-        for job in sorted(jobs, key=lambda j: j.get("submittedAt") or j.get("claimedAt") or 0):
-            pid = job.get("promptId") or prompt_id_for(job["taskId"], int(job.get("attempt", 1)))
-            job["promptId"] = pid
-            rejection = error_from(job["rejection"]) if isinstance(job.get("rejection"), dict) else None
-            self.inflight[pid] = Inflight(job, pid, started_at=job.get("startedAt"), rejection=rejection)
-            logger.bind(task_id=job["taskId"]).info("re-attaching to prompt {}", pid)
+        for job in sorted(jobs, key=lambda j: j.submitted_at or j.claimed_at or 0):
+            pid = job.prompt_id or prompt_id_for(job.task_id, job.attempt)
+            job = dataclasses.replace(job, prompt_id=pid)
+            rejection = error_from(job.rejection) if job.rejection is not None else None
+            self.inflight[pid] = Inflight(job, pid, started_at=job.started_at, rejection=rejection)
+            logger.bind(task_id=job.task_id).info("re-attaching to prompt {}", pid)
         self.promote_head()
         self.needs_reconcile = True
 

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from selfix.files import fsync_dir, write_synced
+from selfix.job import Job, JobFormatError
+from selfix.job import valid_task_id as valid_task_id  # where every module has always found it
 
 STATES = ("tmp", "inbox", "processing", "outbox", "done", "corrupt")
 # Every pattern here is used with fullmatch(): `$` would also match before a final "\n" ("x\n" passing as an id).
-TASK_ID_RE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 PRIORITY_MIN, PRIORITY_MAX = -999_999, 999_999
 _PRIO_OFFSET = 1_000_000  # name key = offset - priority: ascending names = descending priority
 INBOX_RE = re.compile(
@@ -37,10 +38,6 @@ RESULT_FILE = "result.json"
 PREVIEW_MAX_BYTES = 2 << 20  # a 512 px latent preview is ~40 KB; a SaveImageWebsocket PNG may be far larger
 PREVIEW_SUFFIX = ".preview"
 _NAME_PREFIX_LEN = len("0000000.0000000000000.0000000000000.00.")  # the fixed-width part before the taskId
-
-
-def valid_task_id(value: object) -> bool:
-    return isinstance(value, str) and TASK_ID_RE.fullmatch(value) is not None
 
 
 def has_control(text: str) -> bool:
@@ -137,14 +134,10 @@ class Spool:
         return True
 
     # --- inbox ---------------------------------------------------------------------------------------
-    def enqueue(self, job: dict[str, Any]) -> Path:
+    def enqueue(self, job: Job) -> Path:
         """Place a validated job in inbox/ under a name that encodes its order."""
-        name = InboxEntry.make_name(
-            job["taskId"], int(job.get("priority", 0)), int(job["enqueuedAt"] * 1000),
-            int(job.get("notBefore", 0) * 1000), int(job.get("attempt", 1)),
-        )
-        target = self.inbox / name
-        self._atomic_write(target, dumps(job))
+        target = self.inbox / _inbox_name(job)
+        self._atomic_write(target, dumps(job.to_dict()))
         return target
 
     def inbox_entries(self) -> list[InboxEntry]:
@@ -174,6 +167,11 @@ class Spool:
         except FileNotFoundError:
             return None
 
+    def read_inbox_job(self, entry: InboxEntry) -> Job | None:
+        """The job behind an inbox entry; None when it was taken meanwhile or cannot be read (the runner
+        quarantines it when it claims it)."""
+        return self.read_job(self.inbox / entry.name)
+
     def withdraw(self, entry: InboxEntry) -> bool:
         """Remove a not-started job (partition revoked): the group re-delivers it elsewhere."""
         grave = self._tmp_path("withdrawn-" + entry.name)
@@ -191,23 +189,41 @@ class Spool:
         target = self.processing_path(entry.task_id)
         return target if self._move(self.inbox / entry.name, target) else None
 
-    def write_processing(self, job: dict[str, Any]) -> None:
-        self._atomic_write(self.processing_path(job["taskId"]), dumps(job))
+    def write_processing(self, job: Job) -> None:
+        self._atomic_write(self.processing_path(job.task_id), dumps(job.to_dict()))
 
     def processing_files(self) -> list[Path]:
         return sorted(self.processing / n for n in self._names(self.processing) if n.endswith(".json"))
 
-    def requeue(self, job: dict[str, Any]) -> Path:
+    def processing_jobs(self) -> list[Job]:
+        """The readable jobs in processing/, by taskId; a file gone meanwhile or unreadable is skipped (the runner
+        quarantines those)."""
+        jobs = (self.read_job(path) for path in self.processing_files())
+        return [job for job in jobs if job is not None]
+
+    def processing_job(self, task_id: str) -> Job | None:
+        return self.read_job(self.processing_path(task_id))
+
+    def requeue(self, job: Job) -> Path:
         """processing → inbox in one rename (job already carries its new attempt and notBefore)."""
         self.write_processing(job)
-        name = InboxEntry.make_name(
-            job["taskId"], int(job.get("priority", 0)), int(job["enqueuedAt"] * 1000),
-            int(job.get("notBefore", 0) * 1000), int(job.get("attempt", 1)),
-        )
-        target = self.inbox / name
-        self._move(self.processing_path(job["taskId"]), target)
-        self.drop_preview(job["taskId"])
+        target = self.inbox / _inbox_name(job)
+        self._move(self.processing_path(job.task_id), target)
+        self.drop_preview(job.task_id)
         return target
+
+    # --- job files: the only place that turns them into Job and back --------------------------------------
+    @staticmethod
+    def load_job(path: Path) -> Job:
+        """The job in an inbox/ or processing/ file. Raises OSError, or ValueError naming what is wrong."""
+        return Job.from_bytes(path.read_bytes())
+
+    def read_job(self, path: Path) -> Job | None:
+        """load_job for readers that only look: None when the file is gone or unreadable."""
+        try:
+            return self.load_job(path)
+        except (OSError, ValueError):
+            return None
 
     def drop_processing(self, task_id: str) -> None:
         self.drop_preview(task_id)
@@ -407,9 +423,9 @@ class Spool:
         for path in self.foreign_inbox_files():
             out[path.name] = self._mtime(path)
         for path in self.processing_files():
-            job = _read_object(path)
-            stamp = job.get("enqueuedAt")
-            out[path.stem] = float(stamp) if isinstance(stamp, int | float) else self._mtime(path)
+            job = self.read_job(path)
+            stamp = job.enqueued_at if job is not None else None
+            out[path.stem] = float(stamp) if stamp is not None else self._mtime(path)
         for task_id in self.outbox_tasks():
             written = self.result_written_at(task_id)
             if written is None:
@@ -600,6 +616,13 @@ class Spool:
             return path.stat().st_mtime
         except FileNotFoundError:
             return 0.0
+
+
+def _inbox_name(job: Job) -> str:
+    if job.enqueued_at is None:
+        raise JobFormatError(f"job {job.task_id} has no enqueuedAt: its place in the inbox order is unknown")
+    return InboxEntry.make_name(job.task_id, job.priority, int(job.enqueued_at * 1000), int(job.not_before * 1000),
+                                job.attempt)
 
 
 def _read_object(path: Path) -> dict[str, Any]:
