@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageStat
 
+from selfix.job import Job, JobState
 from selfix.spool import Spool
 from tests.servers.node_plugin import Node, task, wait_until
 
@@ -294,15 +295,16 @@ def test_result_summary_keeps_timings_and_codes_only() -> None:
 
 def test_running_jobs_leave_the_workflow_out(tmp_path: Path) -> None:
     from selfix.console import running_jobs
-
-    job = {"taskId": "t", "state": "running", "attempt": 2, "startedAt": 90.0, "userId": "u",
+    spool = Spool(tmp_path / "spool").ensure()
+    job = {"taskId": "t", "state": "submitted", "attempt": 2, "startedAt": 90.0, "userId": "u",
            "progress": {"value": 3, "max": 10, "node": "3", "extra": "x"},
            "workflow": {"6": {"inputs": {"text": PROMPT_TEXT}}}}
-    (tmp_path / "t.json").write_text(json.dumps(job))
-    (tmp_path / "broken.json").write_text("{")
-    jobs = running_jobs(sorted(tmp_path.glob("*.json")), 100.0)
-    assert jobs == [{"taskId": "t", "state": "running", "attempt": 2, "progress": {"value": 3, "max": 10, "node": "3"},
-                     "startedAt": 90.0, "elapsedS": 10.0, "preview": False, "previewVersion": None}]
+    spool.processing_path("t").write_text(json.dumps(job))
+    spool.processing_path("broken").write_text("{")
+    jobs = running_jobs(spool.processing_jobs(), 100.0)
+    assert jobs == [{"taskId": "t", "state": "submitted", "attempt": 2,
+                     "progress": {"value": 3, "max": 10, "node": "3"}, "startedAt": 90.0, "elapsedS": 10.0,
+                     "preview": False, "previewVersion": None}]
 
 
 def test_running_jobs_say_whether_a_preview_exists(tmp_path: Path) -> None:
@@ -310,12 +312,12 @@ def test_running_jobs_say_whether_a_preview_exists(tmp_path: Path) -> None:
 
     spool = Spool(tmp_path / "spool").ensure()
     for task_id in ("a", "b"):
-        spool.write_processing({"taskId": task_id, "state": "submitted"})
+        spool.write_processing(Job(task_id, state=JobState.SUBMITTED))
     spool.write_preview("a", b"\xff\xd8\xff\xe0 a jpeg")
-    jobs = {j["taskId"]: j for j in running_jobs(spool.processing_files(), 1.0, spool)}
+    jobs = {j["taskId"]: j for j in running_jobs(spool.processing_jobs(), 1.0, spool)}
     assert jobs["a"]["preview"] is True and jobs["a"]["previewVersion"] == spool.preview_version("a")
     assert jobs["b"]["preview"] is False and jobs["b"]["previewVersion"] is None
-    off = running_jobs(spool.processing_files(), 1.0)  # CONSOLE_PREVIEWS off: the file is not even looked at
+    off = running_jobs(spool.processing_jobs(), 1.0)  # CONSOLE_PREVIEWS off: the file is not even looked at
     assert [j["preview"] for j in off] == [False, False]
     assert sniff(b"\x89PNG\r\n\x1a\n...") == "image/png" and sniff(b"\xff\xd8\xff") == "image/jpeg"
     assert sniff(b"") is None and sniff(b"GIF89a") is None

@@ -23,6 +23,7 @@ from confluent_kafka import Producer
 
 from selfix.comfy import prompt_id_for
 from selfix.control import ControlRejected, deadline_label, deadline_s, expiry_error, parse_control
+from selfix.job import Job
 from selfix.messages import TaskError, job_control_fields, parse_control_fields
 from tests.servers.kafka_broker import KafkaBroker
 from tests.servers.kafka_tools import committed, end_offsets, produce, read_topic, results_of
@@ -64,11 +65,12 @@ def test_expiry_fields_resolve_to_one_moment_and_deadlines_are_capped() -> None:
     assert job_control_fields({"ttlS": 5}, 1000.0) == {"expiresAt": 1005.0}
     assert job_control_fields({"ttlS": 5, "expiresAt": 1001}, 1000.0) == {"expiresAt": 1001.0}
     assert job_control_fields({}, 1000.0) == {}
-    assert expiry_error({"expiresAt": 10.0}, 9.0) is None
-    error = expiry_error({"expiresAt": 10.0}, 12.0)
+    assert expiry_error(Job("t", expires_at=10.0), 9.0) is None
+    error = expiry_error(Job("t", expires_at=10.0), 12.0)
     assert error is not None and error.code == "expired"
-    assert deadline_s({"timeoutS": 3}, 600) == 3 and deadline_s({}, 600) == 600
-    assert deadline_label({"timeoutS": 3}, 600) == "timeoutS=3s" and deadline_label({}, 60) == "JOB_TIMEOUT_S=60s"
+    assert deadline_s(Job("t", timeout_s=3), 600) == 3 and deadline_s(Job("t"), 600) == 600
+    assert deadline_label(Job("t", timeout_s=3), 600) == "timeoutS=3s"
+    assert deadline_label(Job("t"), 60) == "JOB_TIMEOUT_S=60s"
 
 
 def test_saved_comfyui_seconds_and_codes_are_counted() -> None:
@@ -97,12 +99,11 @@ def test_tombstones_first_request_stands_marked_and_pruned(tmp_path: Path) -> No
     assert request_cancel(spool, "t-1", "u1", "kafka") and not request_cancel(spool, "t-1", "u2", "cli")
     assert request_cancel(spool, "t-2", "u9", "kafka")
     assert spool.read_cancel("t-1")["userId"] == "u1" and spool.cancel_ids() == ["t-1", "t-2"]
-    job = {"taskId": "t-2", "userId": "u1", "enqueuedAt": 0}
-    assert refusal(spool, job) is None  # another user's cancel: refused, marked, the task runs
-    error = refusal(spool, {**job, "taskId": "t-1"})
+    assert refusal(spool, Job("t-2", "u1", enqueued_at=0)) is None  # another user's cancel: refused, the task runs
+    error = refusal(spool, Job("t-1", "u1", enqueued_at=0))
     assert error is not None and error.code == "cancelled"
     assert _cancel_requests(spool) == {"pending": 0, "handled": 2}
-    assert refusal(spool, {**job, "taskId": "t-1"}) is None  # applied once
+    assert refusal(spool, Job("t-1", "u1", enqueued_at=0)) is None  # applied once
     old = time.time() - 7200
     os.utime(spool.cancel_path("t-1"), (old, old))
     assert spool.prune_cancels(3600) == 1 and spool.cancel_ids() == ["t-2"]

@@ -23,6 +23,7 @@ from selfix import messages as m
 from selfix.consumer import adopt_dropped
 from selfix.files import DiskFull, disk_full_error, is_disk_full, write_synced
 from selfix.intake import limits_of
+from selfix.job import Job
 from selfix.loras import CacheFull, LoraCache
 from selfix.prepare import place_images
 from selfix.process import StopFlags
@@ -51,11 +52,11 @@ def sp(fs: SmallFs) -> Spool:
 
 
 def result(task_id: str) -> dict[str, Any]:
-    return m.completed_result({"taskId": task_id, "userId": "u1", "enqueuedAt": 0}, [], {"attempts": 1})
+    return m.completed_result(Job(task_id, "u1"), [], {"attempts": 1})
 
 
-def job(task_id: str, pad: int = 0) -> dict[str, Any]:
-    return {"taskId": task_id, "userId": "u1", "priority": 0, "enqueuedAt": 1.0, "workflow": {}, "pad": "x" * pad}
+def job(task_id: str, pad: int = 0) -> Job:
+    return Job(task_id, "u1", enqueued_at=1.0, workflow={}, extra={"pad": "x" * pad})
 
 
 def test_disk_full_is_recognised_through_wrapping_exceptions() -> None:
@@ -205,7 +206,7 @@ def _png() -> bytes:
 def test_input_images_on_a_full_disk_leave_no_part_file(fs: SmallFs, tmp_path: Path) -> None:
     data = _png() * 20  # a valid PNG head, some kilobytes
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    j = {"taskId": "t1", "userId": "u1", "workflow": t2i_workflow(), "images": {"a.png": url}}
+    j = Job("t1", "u1", workflow=t2i_workflow(), images={"a.png": url})
     fs.fill()
     with pytest.raises(OSError) as caught:
         place_images(j, LocalStore(tmp_path / "store"), fs.root / "input", 1 << 20)

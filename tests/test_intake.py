@@ -13,6 +13,7 @@ from loguru import logger
 
 from selfix import messages as m
 from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
+from selfix.job import Job
 from selfix.messages import Limits
 from selfix.settings import load
 from selfix.spool import RESULT_FILE, InboxEntry, Spool
@@ -85,14 +86,14 @@ def test_duplicate_when_the_task_is_processing(sp: Spool, catalog: Catalog) -> N
 
 
 def test_duplicate_when_the_task_is_in_outbox(sp: Spool, catalog: Catalog) -> None:
-    sp.write_result(m.completed_result({"taskId": "t1", "userId": USER}, [], {}))
+    sp.write_result(m.completed_result(Job("t1", USER), [], {}))
     out = run(sp, task(), catalog)
     assert out.kind == "duplicate" and "outbox" in out.detail
     assert sp.inbox_entries() == []
 
 
 def test_duplicate_when_the_task_is_done(sp: Spool, catalog: Catalog) -> None:
-    sp.finish(m.completed_result({"taskId": "t1", "userId": USER}, [], {}))
+    sp.finish(m.completed_result(Job("t1", USER), [], {}))
     out = run(sp, task(), catalog)
     assert out.kind == "duplicate" and "done" in out.detail
     assert sp.inbox_entries() == [] and os.listdir(sp.outbox) == []

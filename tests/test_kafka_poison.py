@@ -154,6 +154,7 @@ def test_a_result_the_output_topic_refuses_even_as_a_failure_is_dead_lettered(ka
     """The last resort, with the real broker: the output topic takes no record this large, not even the failed
     result; the failed result goes to the DLQ, the outbox entry to corrupt/, and done/ settles the task (so the
     consumer commits its offset), while a small result behind it is still published."""
+    from selfix.job import Job
     from selfix.kafka import ResultPublisher
     from selfix.messages import completed_result
     from selfix.process import StopFlags
@@ -175,7 +176,7 @@ def test_a_result_the_output_topic_refuses_even_as_a_failure_is_dead_lettered(ka
     staged = spool.stage_result("huge")
     for key in keys:
         (staged / Path(key).name).write_bytes(b"\x89PNG\r\n\x1a\n")
-    spool.publish_result(staged, completed_result({"taskId": "huge", "userId": "u1"}, keys,
+    spool.publish_result(staged, completed_result(Job("huge", "u1"), keys,
                                                   {"attempts": 1, "note": "x" * 300}))
     spool.write_result({"taskId": "small", "userId": "u1", "status": "completed", "imagePaths": [], "metadata": {}})
     tries = 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from selfix.job import Job, Progress
 from selfix.kafka import EVENT_HEADER, PublishError, ResultPublisher
 from selfix.process import StopFlags
 from selfix.settings import load
@@ -93,14 +94,14 @@ def test_started_and_progress_events_from_processing(kafka_broker: KafkaBroker, 
     settings = settings_for(kafka_broker, tmp_path, kafka_topic, KAFKA_STATUS_EVENTS="true")
     spool = Spool(settings.spool_dir).ensure()
     publisher = ResultPublisher(settings, spool)
-    job = {"taskId": "ev", "userId": "u1", "attempt": 1, "workflow": {}, "enqueuedAt": time.time()}
+    job = Job("ev", "u1", attempt=1, workflow={}, enqueued_at=time.time())
     try:
         spool.write_processing(job)
         publisher.idle()
-        job["startedAt"] = time.time()
+        job = job.started(time.time())
         began = time.monotonic()
         for step in range(1, 11):  # 10 progress updates within ~1.3 s
-            job["progress"] = {"value": step, "max": 10, "node": "3"}
+            job = job.with_progress(Progress(step, 10, "3"))
             spool.write_processing(job)
             for _ in range(3):
                 publisher.idle()

@@ -4,7 +4,6 @@ per key across threads and processes, kill -9 mid-download, prefetch. Requests a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -23,6 +22,7 @@ import pytest
 
 from selfix import messages as m
 from selfix import stats
+from selfix.job import Job
 from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache, Prefetcher, check_safetensors, keys_in_processing
 from selfix.prepare import ensure_loras
 from selfix.spool import Spool
@@ -194,7 +194,7 @@ def test_forbidden_keys_are_refused_without_any_request(s3_bucket: S3Bucket, tmp
     cache = cache_of(s3_bucket, tmp_path / "cache")
     reqs = Requests(s3_bucket)
     with pytest.raises(m.TaskError) as err:
-        ensure_loras({"taskId": "t", "userId": "u1", "loraModels": [key]}, cache)
+        ensure_loras(Job("t", "u1", lora_models=(key,)), cache)
     assert err.value.code == code
     assert not cache.prefetch(key, "u1")
     assert reqs.delta() == {}
@@ -253,7 +253,7 @@ def test_in_use_files_are_never_evicted_cache_full_defers_and_too_large_fails(
     put(s3_bucket, c, lora_bytes(tmp_path, "c", 200_000, seed=3), tmp_path)
     cache = cache_of(s3_bucket, tmp_path / "cache", max_bytes=60_000, in_use=lambda: keys_in_processing(spool))
 
-    spool.write_processing({"taskId": "running", "loraModels": [a]})
+    spool.write_processing(Job("running", lora_models=(a,)))
     cache.ensure(a, "u1")
     with pytest.raises(CacheFull) as full:
         cache.ensure(b, "u1")
@@ -270,7 +270,7 @@ def test_in_use_files_are_never_evicted_cache_full_defers_and_too_large_fails(
     assert err.value.code == LORA_TOO_LARGE
     assert reqs.delta() == {"HeadObject": 1}, "a LoRA larger than the cache is refused before its body"
 
-    job = {"taskId": "both", "userId": "u1", "loraModels": [a, b]}
+    job = Job("both", "u1", lora_models=(a, b))
     spool.write_processing(job)
     with pytest.raises(m.TaskError) as err:
         ensure_loras(job, cache)
@@ -311,8 +311,7 @@ def test_fifty_tasks_over_eight_users_with_a_small_cache(s3_bucket: S3Bucket, tm
     rng = random.Random(7)
     order = [rng.choice(users[:4]) if rng.random() < 0.6 else rng.choice(users) for _ in range(50)]
     for i, u in enumerate(order):
-        spool.enqueue({"taskId": f"t{i:02d}", "userId": u, "loraModels": [keys[u]], "enqueuedAt": 1000 + i,
-                       "workflow": {}})
+        spool.enqueue(Job(f"t{i:02d}", u, lora_models=(keys[u],), enqueued_at=1000 + i, workflow={}))
 
     peak = {"bytes": 0}
     stop = threading.Event()
@@ -327,19 +326,19 @@ def test_fifty_tasks_over_eight_users_with_a_small_cache(s3_bucket: S3Bucket, tm
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
 
-    def run_job(job: dict[str, Any]) -> None:
+    def run_job(job: Job) -> None:
         """The 'GPU': the LoRA must stay intact under its name for the whole run."""
-        path = file_of(root, keys[job["userId"]])
+        path = file_of(root, keys[str(job.user_id)])
         for _ in range(3):
-            assert path.read_bytes() == content[job["userId"]], f"{path} changed or vanished while in use"
+            assert path.read_bytes() == content[str(job.user_id)], f"{path} changed or vanished while in use"
             time.sleep(0.005)
-        spool.drop_processing(job["taskId"])
+        spool.drop_processing(job.task_id)
 
     try:
         with ThreadPoolExecutor(1) as gpu:
             running = None
             while (entry := spool.next_ready()) is not None:
-                job = json.loads(spool.claim(entry).read_bytes())  # type: ignore[union-attr]
+                job = spool.load_job(spool.claim(entry))  # type: ignore[arg-type]
                 prefetcher.poke()
                 while True:
                     try:
@@ -481,11 +480,9 @@ def test_prefetch_fetches_next_jobs_loras_in_its_thread_and_poke_never_blocks(
     keys = [f"users/u{i}/models/p.safetensors" for i in range(3)]
     for i, key in enumerate(keys):
         put(s3_bucket, key, lora_bytes(tmp_path, str(i), 2 << 20, seed=i), tmp_path)
-        spool.enqueue({"taskId": f"t{i}", "userId": f"u{i}", "loraModels": [key], "enqueuedAt": 100 + i,
-                       "workflow": {}})
+        spool.enqueue(Job(f"t{i}", f"u{i}", lora_models=(key,), enqueued_at=100 + i, workflow={}))
     # First in line: a hand-edited job naming another user's LoRA. The object exists; it must not be fetched.
-    spool.enqueue({"taskId": "evil", "userId": "u9", "loraModels": [keys[1]], "enqueuedAt": 50, "workflow": {},
-                   "priority": 5})
+    spool.enqueue(Job("evil", "u9", lora_models=(keys[1],), enqueued_at=50, workflow={}, priority=5))
     cache = cache_of(s3_bucket, tmp_path / "cache")
     prefetcher = Prefetcher(cache, spool, depth=2).start()
     try:

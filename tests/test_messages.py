@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from selfix import messages as m
+from selfix.job import Job
 from selfix.messages import InvalidTask, Limits, Task, TaskError, completed_result, failed_result, parse_task
 from selfix.templates import Catalog
 
@@ -69,7 +70,7 @@ def test_a_valid_workflow_message(catalog: Catalog) -> None:
     assert task.lora_models == (LORA,)
     assert task.images == images
     assert task.workflow == workflow(image="pose.png")
-    job = task.to_job(source={"file": "x.json"}, now=1234.5)
+    job = task.to_job(source={"file": "x.json"}, now=1234.5).to_dict()
     assert job["taskId"] == TASK and job["attempt"] == 1 and job["enqueuedAt"] == 1234.5
     assert job["loraModels"] == [LORA] and job["notBefore"] == 0 and job["source"] == {"file": "x.json"}
     assert json.loads(json.dumps(job)) == job  # the job file content is plain JSON
@@ -399,7 +400,7 @@ def test_failed_result_from_an_invalid_task() -> None:
 def test_completed_result_shape() -> None:
     paths = [m.output_key("users/alice/", TASK, i) for i in range(2)]
     meta = {"generationTime": 1.5, "queueTime": 0.1, "totalTime": 2.0, "attempts": 1, "promptId": "p"}
-    res = completed_result({"taskId": TASK, "userId": USER}, paths, meta)
+    res = completed_result(Job(TASK, USER), paths, meta)
     assert set(res) == RESULT_KEYS and "error" not in res
     assert res["status"] == "completed"
     assert res["imagePath"] == "users/alice/images/task-001-0.png"
@@ -419,8 +420,8 @@ def test_output_field_is_normalised_and_reaches_the_job(catalog: Catalog) -> Non
     spec = {"format": "JPG", "quality": 85, "stripMetadata": False}
     task = parse_task(enc(message(output=spec)), Limits(), catalog)
     assert task.output == {"format": "jpeg", "quality": 85, "stripMetadata": False}
-    assert task.to_job()["output"] == task.output
-    assert parse_task(enc(message()), Limits(), catalog).to_job()["output"] is None
+    assert task.to_job().output == task.output
+    assert parse_task(enc(message()), Limits(), catalog).to_job().output is None
     assert parse_task(enc(message(output={})), Limits(), catalog).output == {}
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from selfix.job import Job
 from selfix.outputs import Encoding, Plan, encode_still, extension, kind_of, png_text, probe, sniff, stage_outputs
 from selfix.testing.fake_comfyui.nodes.media import write_fake_flac, write_fake_mp4, write_fake_webm
 from selfix.workflow import OutputItem
@@ -167,7 +168,7 @@ def test_uploader_puts_every_output_and_results_staged_before_outputs_existed(tm
                      "COMFY_OUTPUT_DIR": str(tmp_path / "out"), "COMFY_INPUT_DIR": str(tmp_path / "in")})
     spool = Spool(settings.spool_dir).ensure()
     uploader = Uploader(settings, spool, LocalStore(settings.store_dir), NoPublisher(), StopFlags())
-    new = m.completed_result({"taskId": "new", "userId": "u1"}, ["users/u1/images/new-0.png"], {}, [
+    new = m.completed_result(Job("new", "u1"), ["users/u1/images/new-0.png"], {}, [
         m.output_entry("2", "images", "image", object_key="users/u1/images/new-0.png", content_type="image/png",
                        size=3),
         m.output_entry("3", "images", "video", object_key="users/u1/outputs/new-0.png", content_type="image/png",

@@ -17,6 +17,7 @@ import pytest
 from selfix import messages as m
 from selfix.cli import render_status, status_snapshot
 from selfix.intake import accept, ingest_dropped_files
+from selfix.job import Job
 from selfix.messages import InvalidTask, Limits, StrictJSONError, parse_task, peek_ids, strict_loads
 from selfix.metrics import NodeView, make_registry, render
 from selfix.process import StopFlags
@@ -259,7 +260,7 @@ def completed(spool: Spool, task_id: str, keys: list[str], files: list[str] | No
     staged = spool.stage_result(task_id)
     for name in files if files is not None else [Path(k).name for k in keys]:
         (staged / name).write_bytes(b"\x89PNG\r\n\x1a\n")
-    spool.publish_result(staged, m.completed_result({"taskId": task_id, "userId": "u1"}, keys,
+    spool.publish_result(staged, m.completed_result(Job(task_id, "u1"), keys,
                                                     {"attempts": 1, "totalTime": 1.0}))
 
 
@@ -338,9 +339,9 @@ def test_unresolved_tasks_metric_and_status_line(tmp_path: Path) -> None:
                      "SUPERVISOR_URL": "unix:///nonexistent/supervisor.sock"})
     spool = Spool(settings.spool_dir).ensure()
     now = time.time()
-    spool.enqueue({"taskId": "old-inbox", "priority": 0, "enqueuedAt": now - 700, "workflow": {}})
-    spool.enqueue({"taskId": "new-inbox", "priority": 0, "enqueuedAt": now - 5, "workflow": {}})
-    spool.write_processing({"taskId": "old-run", "enqueuedAt": now - 3600, "workflow": {}})
+    spool.enqueue(Job("old-inbox", enqueued_at=now - 700, workflow={}))
+    spool.enqueue(Job("new-inbox", enqueued_at=now - 5, workflow={}))
+    spool.write_processing(Job("old-run", enqueued_at=now - 3600, workflow={}))
     spool.write_result({"taskId": "old-out", "status": "completed", "metadata": {"totalTime": 900.0}})
     assert [t for t, _ in spool.unresolved(600, now)] == ["old-run", "old-out", "old-inbox"]
 

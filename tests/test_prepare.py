@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from selfix import messages as m
+from selfix.job import Job
 from selfix.loras import LoraCache
 from selfix.prepare import input_dir_of, place_images, prepare, remove_task_files
 from selfix.storage import S3Store
@@ -32,8 +33,9 @@ def put(bucket: S3Bucket, key: str, data: bytes) -> None:
     bucket.client().put_object(bucket.bucket, key, io.BytesIO(data), len(data))
 
 
-def job(task_id: str = "t1", **extra: Any) -> dict[str, Any]:
-    return {"taskId": task_id, "userId": "u1", "workflow": t2i_workflow(), "loraModels": [], "images": {}, **extra}
+def job(task_id: str = "t1", **extra: Any) -> Job:
+    return Job.from_dict({"taskId": task_id, "userId": "u1", "workflow": t2i_workflow(), "loraModels": [], "images": {},
+                          **extra})
 
 
 def test_prepare_binds_lora_and_images_and_cleanup_is_exact(s3_bucket: S3Bucket, tmp_path: Path) -> None:

@@ -219,10 +219,9 @@ async def test_lost_prompts_are_retried_if_started_and_resubmitted_if_not(make_b
         assert entry is not None
         path = bench.spool.claim(entry)
         assert path is not None
-        job = json.loads(path.read_bytes())
-        job.update(promptId=prompt_id_for(tid, 1), state="submitted", submittedAt=time.time())
+        job = bench.spool.load_job(path).claimed(prompt_id_for(tid, 1), time.time()).submitted(time.time())
         if started:
-            job["startedAt"] = time.time()
+            job = job.started(time.time())
         bench.spool.write_processing(job)  # as a runner left it before ComfyUI restarted (a fresh double)
     await bench.burst()
     assert bench.result("was-running")["metadata"]["attempts"] == 2

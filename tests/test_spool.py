@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from selfix import spool as spool_mod
+from selfix.job import Job
 from selfix.spool import RESULT_FILE, InboxEntry, Spool, valid_task_id
 
 
@@ -20,9 +22,10 @@ def sp(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool").ensure()
 
 
-def job(task_id: str, priority: int = 0, enqueued: float = 1_700_000_000.0, **extra: Any) -> dict[str, Any]:
-    return {"taskId": task_id, "userId": "u1", "priority": priority, "workflow": {"1": {"class_type": "X"}},
-            "attempt": 1, "enqueuedAt": enqueued, "notBefore": 0, **extra}
+def job(task_id: str, priority: int = 0, enqueued: float = 1_700_000_000.0, **extra: Any) -> Job:
+    return Job.from_dict({"taskId": task_id, "userId": "u1", "priority": priority,
+                          "workflow": {"1": {"class_type": "X"}}, "attempt": 1, "enqueuedAt": enqueued, "notBefore": 0,
+                          **extra})
 
 
 def result(task_id: str, status: str = "completed") -> dict[str, Any]:
@@ -153,9 +156,8 @@ def test_next_ready_is_none_when_everything_waits(sp: Spool) -> None:
 def test_requeue_moves_processing_back_to_inbox_with_new_attempt_and_not_before(sp: Spool) -> None:
     sp.enqueue(job("t1", priority=4))
     sp.claim(sp.inbox_entries()[0])
-    j = json.loads(sp.processing_path("t1").read_bytes())
-    j.update(attempt=2, notBefore=1_800_000_000.5)
-    target = sp.requeue(j)
+    j = sp.load_job(sp.processing_path("t1"))
+    target = sp.requeue(dataclasses.replace(j, attempt=2, not_before=1_800_000_000.5))
     assert not sp.processing_path("t1").exists()
     entry = InboxEntry.parse(target.name)
     assert entry is not None
@@ -388,9 +390,8 @@ def test_random_interleavings_keep_every_task_in_exactly_one_state(tmp_path: Pat
         model[t] = "processing"
 
     def requeue(t: str) -> None:
-        j = json.loads(sp.processing_path(t).read_bytes())
-        j.update(attempt=j["attempt"] + 1, notBefore=base + rng.random() * 10)
-        sp.requeue(j)
+        j = sp.load_job(sp.processing_path(t))
+        sp.requeue(dataclasses.replace(j, attempt=j.attempt + 1, not_before=base + rng.random() * 10))
         model[t] = "inbox"
 
     def publish(t: str) -> None:
