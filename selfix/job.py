@@ -142,7 +142,7 @@ class Job:
         out: dict[str, Any] = dict(self.extra)
         for name, key in _KEYS.items():
             value = getattr(self, name)
-            if key in _ALWAYS or (value is not None and not (key == "deferrals" and value == 0)):
+            if key in _ALWAYS or value != _DEFAULTS[name]:
                 out[key] = _plain(value)
         return out
 
@@ -181,6 +181,7 @@ class Job:
 
 
 _KNOWN = frozenset(_KEYS.values())
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job)}  # None for most; 0 deferrals is not written either
 
 
 def _plain(value: Any) -> Any:

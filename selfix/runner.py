@@ -221,8 +221,11 @@ class Runner:
     def load_job(self, path: Path) -> Job | None:
         try:
             job = self.spool.load_job(path)
-            if job.workflow is None or job.enqueued_at is None:
-                raise ValueError("not a selfix job object (no workflow, or no enqueuedAt)")
+            # Without these it could never end (metadata, output keys): quarantined rather than crash-looping on it.
+            missing = [key for key, value in (("workflow", job.workflow), ("userId", job.user_id),
+                                              ("enqueuedAt", job.enqueued_at)) if value is None]
+            if missing:
+                raise ValueError(f"not a selfix job object: no {', '.join(missing)}")
             return job
         except (ValueError, UnicodeDecodeError) as exc:
             self.spool.quarantine(path, f"unreadable job file: {exc}")
@@ -231,9 +234,10 @@ class Runner:
 
     async def start(self, job: Job) -> None:
         """Prepare (LoRA, inputs, patch) and queue one job; on failure, finish or hand it back."""
-        job = job.claimed(prompt_id_for(job.task_id, job.attempt), self.clock.time())
+        prompt_id = prompt_id_for(job.task_id, job.attempt)
+        job = job.claimed(prompt_id, self.clock.time())
         self.spool.write_processing(job)
-        inf = Inflight(job, str(job.prompt_id))
+        inf = Inflight(job, prompt_id)
         if self.control.refuse(inf):
             return
         try:
@@ -408,7 +412,7 @@ class Runner:
                                                     "any key of /history, no text)"))
             return
         settings = self.settings
-        plan = outputs.Plan(settings.user_prefix_for(str(inf.job.user_id)), inf.task_id,
+        plan = outputs.Plan(settings.user_prefix_for(str(inf.job.user_id)), inf.task_id,  # set: see load_job()
                             outputs.Encoding.of(inf.job.output, settings.output_strip_metadata),
                             settings.max_output_bytes, settings.max_text_output_bytes)
         staged = self.spool.stage_result(inf.task_id)
@@ -436,7 +440,7 @@ class Runner:
         started = _history_times(entry)
         gen = (started[1] - started[0]) if started else 0.0
         began = started[0] if started else (job.started_at or now)
-        enqueued = job.enqueued_at if job.enqueued_at is not None else began  # load_job() made sure it is there
+        enqueued = job.enqueued_at if job.enqueued_at is not None else began  # load_job() makes sure it is there
         meta = {
             "generationTime": round(gen, 3), "queueTime": round(max(0.0, began - enqueued), 3),
             "totalTime": round(now - enqueued, 3), "attempts": job.attempt,

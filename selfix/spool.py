@@ -4,6 +4,9 @@ States are directories; a task is in exactly one. Each change is one rename() of
 written whole in tmp/ and fsync'd first, so a process killed at any instruction leaves either the old state or the
 new one. Names carry what the runner needs to order the inbox (priority, age, not-before time), so choosing the next
 job costs one listdir and no reads.
+
+Job files (inbox/, processing/) are turned into `selfix.job.Job` and back here only: every other module reads them
+through load_job/read_job/processing_jobs/read_inbox_job (tests/test_job.py checks that).
 """
 
 from __future__ import annotations

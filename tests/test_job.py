@@ -202,3 +202,29 @@ def test_the_guards_above_would_catch_the_old_code() -> None:
     loop = "for path in spool.processing_files():\n    try:\n        job = strict_loads(path.read_bytes())\n" \
            "    except ValueError:\n        continue\n"
     assert _reads_in_processing_loops(loop) == ["3: strict_loads(path.read_bytes())", "3: path.read_bytes()"]
+
+
+# --- what the runner does with a file it cannot run ---------------------------------------------------------
+
+class _RunnerShell:
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ({"taskId": "t", "userId": "u", "enqueuedAt": 1.0}, "no workflow"),
+    ({"taskId": "t", "workflow": WORKFLOW, "enqueuedAt": 1.0}, "no userId"),
+    ({"taskId": "t", "userId": "u", "workflow": WORKFLOW}, "no enqueuedAt"),
+    ({"taskId": "t", "userId": "u", "workflow": WORKFLOW, "enqueuedAt": 1.0, "attempt": "2"}, "attempt"),
+])
+def test_the_runner_quarantines_a_job_it_could_never_finish(tmp_path: Path, raw: dict[str, Any],
+                                                            reason: str) -> None:
+    from selfix.runner import Runner
+
+    spool = Spool(tmp_path / "spool").ensure()
+    path = spool.processing_path("t")
+    path.write_text(json.dumps(raw))
+    assert Runner.load_job(_RunnerShell(spool), path) is None  # type: ignore[arg-type]
+    [(_, why)] = spool.corrupt_entries()
+    assert reason in why and not path.exists()
+    assert spool.read_job(path) is None and spool.processing_jobs() == []
