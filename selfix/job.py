@@ -4,10 +4,11 @@ Intake writes a job (`Task.to_job`), the runner claims it and rewrites it as it 
 uploader, the CLI, the console, the LoRA cache and the consumer read it. All of them go through `Job`, and only
 selfix/spool.py turns it into bytes and back: a misspelled key is a mypy error instead of a KeyError in the runner.
 
-Lenient where the code always was: a missing attempt is 1, a missing priority 0, a null is the same as no key.
-Strict on the rest: a known key holding the wrong type makes the file unreadable (`JobFormatError`), and the runner
-quarantines it like any other file it cannot parse. Keys this version does not know are kept in `extra` and
-written back, so a file written by another version keeps them through the runner's rewrites.
+Lenient where the code always was: a missing attempt is 1, a missing priority 0, a null is the same as no key, and
+progress (only ever shown) reads what it can. Strict on the rest: a known key holding the wrong type makes the file
+unreadable (`JobFormatError`), and the runner quarantines it like any other file it cannot parse. Keys this version
+does not know are kept in `extra` and written back, so a file written by another version keeps them through the
+runner's rewrites.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ class Progress:
     node: str | None = None
 
     @staticmethod
-    def from_dict(obj: object) -> Progress:
+    def of(obj: object) -> Progress | None:
+        """From a progress event's data or a job file, leniently: it is only shown, and what ComfyUI sent must not
+        make a running job's file unreadable. An odd value reads as unknown."""
         if not isinstance(obj, dict):
-            raise JobFormatError(f"progress must be an object, got {type(obj).__name__}")
-        return Progress(_number(obj, "value", "progress.value"), _number(obj, "max", "progress.max"),
-                        _optional(obj, "node", str, "progress.node"))
+            return None
+        value, top, node = obj.get("value"), obj.get("max"), obj.get("node")
+        return Progress(value if _is_number(value) else None, top if _is_number(top) else None,
+                        None if node is None else str(node))
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "max": self.max, "node": self.node}  # all three, as the status events show it
@@ -120,7 +124,6 @@ class Job:
             raise JobFormatError(f"taskId missing or not [A-Za-z0-9._-]{{1,128}}: {str(task_id)[:60]!r}")
         assert isinstance(task_id, str)
         state = _optional(obj, "state", str)
-        progress = obj.get("progress")
         return Job(
             task_id=task_id, user_id=_optional(obj, "userId", str), priority=_int(obj, "priority", 0),
             workflow=_optional(obj, "workflow", dict), lora_models=_strings(obj.get("loraModels")),
@@ -131,7 +134,7 @@ class Job:
             expires_at=_number(obj, "expiresAt"), state=_state(state), prompt_id=_optional(obj, "promptId", str),
             claimed_at=_number(obj, "claimedAt"), submitted_at=_number(obj, "submittedAt"),
             started_at=_number(obj, "startedAt"),
-            progress=None if progress is None else Progress.from_dict(progress),
+            progress=Progress.of(obj.get("progress")),
             deferrals=_int(obj, "deferrals", 0), last_error=_optional(obj, "lastError", dict),
             rejection=_optional(obj, "rejection", dict),
             extra={k: v for k, v in obj.items() if k not in _KNOWN},
@@ -196,22 +199,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _optional(obj: Mapping[str, Any], key: str, kind: type[Any], name: str | None = None) -> Any:
+def _optional(obj: Mapping[str, Any], key: str, kind: type[Any]) -> Any:
     value = obj.get(key)
     if value is not None and not isinstance(value, kind):
-        raise JobFormatError(f"{name or key} must be {_KIND[kind]}, got {type(value).__name__}")
+        raise JobFormatError(f"{key} must be {_KIND[kind]}, got {type(value).__name__}")
     return value
 
 
 _KIND: dict[type[Any], str] = {str: "a string", dict: "an object"}
 
 
-def _number(obj: Mapping[str, Any], key: str, name: str | None = None) -> float | None:
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(obj: Mapping[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise JobFormatError(f"{name or key} must be a number, got {type(value).__name__}")
+    if not _is_number(value):
+        raise JobFormatError(f"{key} must be a number, got {type(value).__name__}")
+    assert isinstance(value, int | float)
     return value  # an int stays an int: a rewritten file says 3, not 3.0
 
 

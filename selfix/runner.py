@@ -299,7 +299,7 @@ class Runner:
             self.record_progress(inf, data)
 
     def record_progress(self, inf: Inflight, data: dict[str, Any]) -> None:
-        inf.job = inf.job.with_progress(Progress(data.get("value"), data.get("max"), data.get("node")))
+        inf.job = inf.job.with_progress(Progress.of(data) or Progress())
         now = self.clock.monotonic()
         if now - inf.progress_written >= PROGRESS_WRITE_S:
             inf.progress_written = now
