@@ -21,6 +21,7 @@ import pytest
 from selfix.clock import OffsetClock
 from selfix.comfy import ComfyClient, EventStream, PreviewFrame, parse_preview
 from selfix.intake import accept, limits_of
+from selfix.job import Job, JobState
 from selfix.previews import MIN_INTERVAL_S, PreviewKeeper
 from selfix.process import Heartbeat, StopFlags
 from selfix.runner import Runner
@@ -195,8 +196,8 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool").ensure()
 
 
-def claimed(spool: Spool, task_id: str = "t1") -> dict[str, Any]:
-    job = {"taskId": task_id, "enqueuedAt": time.time(), "attempt": 1, "state": "submitted"}
+def claimed(spool: Spool, task_id: str = "t1") -> Job:
+    job = Job(task_id, enqueued_at=time.time(), attempt=1, state=JobState.SUBMITTED)
     spool.write_processing(job)
     return job
 
@@ -219,7 +220,7 @@ def test_preview_written_replaced_and_removed_when_the_task_finishes(spool: Spoo
 def test_preview_removed_when_the_task_goes_back_to_the_inbox(spool: Spool) -> None:
     job = claimed(spool)
     spool.write_preview("t1", JPEG)
-    spool.requeue({**job, "attempt": 2, "state": "queued"})
+    spool.requeue(job.retried(0, {"code": "timeout"}))
     assert not spool.preview_path("t1").exists()
 
 
