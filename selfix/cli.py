@@ -311,11 +311,11 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from loguru import logger
 
+    from selfix.admission import accept, limits_of
     from selfix.files import is_disk_full
-    from selfix.intake import accept, limits_of
     from selfix.templates import Catalog
 
-    logger.remove()  # intake's log lines say what this command prints anyway; keep only real errors
+    logger.remove()  # admission's log lines say what this command prints anyway; keep only real errors
     logger.add(sys.stderr, level="ERROR", format="selfix submit: {message}")
     view = view_node(args.spool)
     require_spool(view, "submit")

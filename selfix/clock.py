@@ -36,3 +36,19 @@ class OffsetClock:
 
     def monotonic(self) -> float:
         return time.monotonic() + self.offset
+
+
+class ManualClock:
+    """Time that stands still until `advance` moves it (arroyo's MockedClock): for pure tests of time rules."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now

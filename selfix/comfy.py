@@ -57,7 +57,7 @@ class OutputTooLarge(Exception):
 
 
 class ComfyRejected(Exception):
-    """ComfyUI refused the prompt at validation (400, or 200 with node_errors): permanent for this workflow."""
+    """ComfyUI refused the prompt at validation (400, or 200 with node_errors): not retriable for this workflow."""
 
     def __init__(self, message: str, error: dict[str, Any], node_errors: dict[str, Any],
                  queued: bool = False) -> None:

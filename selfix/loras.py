@@ -356,7 +356,7 @@ class LoraCache:
     def ensure(self, key: str, user_id: str | None = None) -> str:
         """Make the LoRA for `key` present and verified; return the name ComfyUI lists it under.
 
-        Raises TaskError (permanent: not found, forbidden, not safetensors, too large), CacheFull or a retriable
+        Raises TaskError (not retriable: not found, forbidden, not safetensors, too large), CacheFull or a retriable
         StorageError (the runner defers the job).
         """
         self.check_key(key, user_id)

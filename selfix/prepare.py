@@ -107,7 +107,7 @@ def ensure_loras(job: Job, loras: LoraCache) -> dict[str, str]:
 
 def prepare(job: Job, store: ObjectStore, loras: LoraCache, comfy_input_dir: Path,
             max_data_url_bytes: int, guard: isolation.Guard | None = None) -> dict[str, Any]:
-    """The workflow as it will be queued. Raises TaskError (permanent) or a retriable StorageError.
+    """The workflow as it will be queued. Raises TaskError (not retriable) or a retriable StorageError.
 
     Every file name in the workflow is checked against this node's files (selfix.isolation) before anything is
     fetched, and the patched workflow once more before it goes to ComfyUI. `guard`: the node's (runner); without

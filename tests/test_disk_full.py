@@ -20,9 +20,8 @@ from loguru import logger
 from PIL import Image
 
 from selfix import messages as m
-from selfix.consumer import adopt_dropped
+from selfix.admission import adopt_dropped, limits_of
 from selfix.files import DiskFull, disk_full_error, is_disk_full, write_synced
-from selfix.intake import limits_of
 from selfix.job import Job
 from selfix.loras import CacheFull, LoraCache
 from selfix.prepare import place_images

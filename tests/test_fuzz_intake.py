@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from selfix import messages as m
-from selfix.intake import accept, ingest_dropped_files
+from selfix.admission import accept, ingest_dropped_files
 from selfix.messages import Limits, strict_loads
 from selfix.spool import RESULT_FILE, Spool
 from selfix.storage import validate_key

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from selfix import consumer as consumer_mod
+from selfix.clock import OffsetClock
+from selfix.kafka.intake import AUDIT_EVERY_S
 from selfix.process import EXIT_UNAVAILABLE
 from tests.servers.kafka_broker import KafkaBroker
 from tests.servers.kafka_tools import (
@@ -166,16 +167,20 @@ def test_revocation_withdraws_not_started_jobs(kafka_broker: KafkaBroker, kafka_
 
 
 def test_task_that_leaves_the_spool_without_result_is_read_again(kafka_broker: KafkaBroker, kafka_topic: str,
-                                                                  tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consumer_mod, "AUDIT_EVERY_S", 0.3)
+                                                                  tmp_path: Path) -> None:
     env = env_for(kafka_broker, kafka_topic)
-    intake = IntakeThread(tmp_path / "n1", env).start()
+    clock = OffsetClock()
+    intake = IntakeThread(tmp_path / "n1", env, clock=clock).start()
     try:
         produce(kafka_broker, kafka_topic, [task("v1"), task("v2")])
         wait_for(lambda: len(inbox_ids(intake.spool)) == 2, 20, "2 jobs")
         entry = next(e for e in intake.spool.inbox_entries() if e.task_id == "v1")
         (intake.spool.inbox / entry.name).unlink()  # e.g. moved to corrupt/ by hand
+        # Two audits in a row must find it missing: the clock jumps to each instead of waiting AUDIT_EVERY_S.
+        clock.advance(AUDIT_EVERY_S)
+        wait_for(lambda: intake.intake.ledger.missing, 10, "an audit that finds v1 missing")
+        assert "v1" not in inbox_ids(intake.spool), "read again after one audit: a task in flight would be too"
+        clock.advance(AUDIT_EVERY_S)
         wait_for(lambda: "v1" in inbox_ids(intake.spool), 10, "v1 read again from Kafka")
         assert sorted(inbox_ids(intake.spool)) == ["v1", "v2"]
         finish(intake.spool, "v1")

@@ -403,7 +403,7 @@ WORKER = textwrap.dedent("""
     from selfix.loras import LoraCache
     from selfix.settings import load
     from selfix.storage import S3Store
-    import selfix.storage as storage
+    import selfix.storage.s3 as storage
     env = dict(a.split("=", 1) for a in sys.argv[4:])
     root, key, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     if env.pop("SLOW", None):  # a download that takes a while, to be killed in the middle

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from selfix import messages as m
+from selfix.admission import accept, ingest_dropped_files
 from selfix.cli import render_status, status_snapshot
-from selfix.intake import accept, ingest_dropped_files
 from selfix.job import Job
 from selfix.messages import InvalidTask, Limits, StrictJSONError, parse_task, peek_ids, strict_loads
 from selfix.metrics import NodeView, make_registry, render

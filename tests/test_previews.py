@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from selfix.admission import accept, limits_of
 from selfix.clock import OffsetClock
 from selfix.comfy import ComfyClient, EventStream, PreviewFrame, parse_preview
-from selfix.intake import accept, limits_of
 from selfix.job import Job, JobState
 from selfix.previews import MIN_INTERVAL_S, PreviewKeeper
 from selfix.process import Heartbeat, StopFlags

@@ -22,9 +22,9 @@ import pytest
 
 from selfix import messages as m
 from selfix import outcomes as oc
+from selfix.admission import accept, limits_of
 from selfix.clock import OffsetClock
 from selfix.comfy import CONTROL_TIMEOUT_S, ComfyClient, QueueState, prompt_id_for
-from selfix.intake import accept, limits_of
 from selfix.process import Heartbeat, StopFlags
 from selfix.runner import DEADLINE_TICK_S, Runner
 from selfix.settings import Settings, load

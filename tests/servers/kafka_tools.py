@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from selfix.clock import Clock
 from selfix.process import StopFlags
 from selfix.settings import Settings, load
 from selfix.spool import Spool
@@ -153,24 +154,27 @@ def sources(spool: Spool) -> dict[str, dict[str, Any]]:
 
 
 class IntakeThread:
-    """selfix.consumer.KafkaIntake in a thread of the test process (no signal handlers), on its own spool."""
+    """selfix.kafka.intake.KafkaIntake in a thread of the test process (no signal handlers), on its own spool."""
 
-    def __init__(self, root: Path, env: dict[str, str], overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str], overrides: dict[str, Any] | None = None,
+                 clock: Clock | None = None) -> None:
         self.root = root
         self.env = {"SPOOL_DIR": str(root / "spool"), "KAFKA_SESSION_TIMEOUT_MS": "3000", **env}
         self.settings: Settings = load(self.env)
         self.spool = Spool(self.settings.spool_dir).ensure()
         self.flags = StopFlags()
         self.overrides = overrides
+        self.clock = clock
         self.code: int | None = None
         self.error: BaseException | None = None
         self.intake: Any = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> IntakeThread:
-        from selfix.consumer import KafkaIntake
+        from selfix.kafka.intake import KafkaIntake
 
-        self.intake = KafkaIntake(self.settings, self.spool, Catalog.load(None), self.flags, self.overrides)
+        self.intake = KafkaIntake(self.settings, self.spool, Catalog.load(None), self.flags, self.overrides,
+                                  self.clock)
 
         def run() -> None:
             try:

@@ -1,4 +1,5 @@
-"""Accepting a task: one function used by the Kafka consumer, `selfix submit` and hand-dropped inbox files."""
+"""Admission: raw task bytes → a job in the spool. One `accept` for the Kafka intake, `selfix submit` and files
+dropped into inbox/ by hand (`ingest_dropped_files`, `adopt_dropped`), so every way in validates the same way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Literal
 from loguru import logger
 
 from selfix import control
-from selfix.files import is_disk_full
+from selfix.files import DiskFull, disk_full_error, is_disk_full
 from selfix.messages import INVALID_MESSAGE, InvalidTask, Limits, Task, failed_result, parse_task, peek_ids
 from selfix.settings import Settings
 from selfix.spool import Spool
@@ -114,3 +115,24 @@ def ingest_dropped_files(spool: Spool, limits: Limits, catalog: Catalog) -> list
                                                           outcome.detail)
         outcomes.append(outcome)
     return outcomes
+
+
+def adopt_dropped(spool: Spool, limits: Limits, catalog: Catalog, disk: DiskFull) -> bool | None:
+    """Hand-dropped inbox/ files, unless the disk is full: then they stay where they are, untouched, until a probe
+    finds room again. False: the disk is full (backing off); None: waiting out the backoff; True: adopted."""
+    if disk.active:
+        if not disk.due():
+            return None
+        if not spool.writable():
+            disk.hit(None, spool.root)
+            return False
+        disk.clear()
+    try:
+        ingest_dropped_files(spool, limits, catalog)
+    except OSError as exc:
+        full = disk_full_error(exc)
+        if full is None:
+            raise
+        disk.hit(full, spool.root)
+        return False
+    return True

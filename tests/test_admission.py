@@ -1,4 +1,4 @@
-"""selfix.intake: accepting a task into the spool, de-duplication, hand-dropped inbox files."""
+"""selfix.admission: accepting a task into the spool, de-duplication, hand-dropped inbox files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from loguru import logger
 
 from selfix import messages as m
-from selfix.intake import Outcome, accept, ingest_dropped_files, limits_of
+from selfix.admission import Outcome, accept, ingest_dropped_files, limits_of
 from selfix.job import Job
 from selfix.messages import Limits
 from selfix.settings import load
