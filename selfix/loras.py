@@ -48,6 +48,7 @@ from pathlib import Path
 from loguru import logger
 
 from selfix import stats
+from selfix.clock import Clock, SystemClock
 from selfix.files import fsync_dir as _fsync_dir
 from selfix.files import is_disk_full
 from selfix.messages import (
@@ -251,6 +252,7 @@ class LoraCache:
         user_prefix: str = "users/{userId}/",
         in_use: Callable[[], set[str]] | None = None,
         disk_free: Callable[[Path], int] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.root = Path(root)
         self.store = store
@@ -260,6 +262,7 @@ class LoraCache:
         self.limits = Limits(user_prefix=user_prefix)
         self.in_use = in_use or set
         self.disk_free = disk_free or _disk_free
+        self.clock: Clock = clock or SystemClock()  # TTLs, the store-down window, recency (atime) for eviction
         self._pins: Counter[str] = Counter()
         self._pins_lock = threading.Lock()
         self.state = self.root / STATE
@@ -427,7 +430,7 @@ class LoraCache:
 
     def fresh(self, key: str) -> Meta | None:
         meta = self._cached(key)
-        if meta is not None and time.time() - meta.checked_at < self.head_ttl_s:
+        if meta is not None and self.clock.time() - meta.checked_at < self.head_ttl_s:
             return meta
         return None
 
@@ -438,7 +441,7 @@ class LoraCache:
             return ""
         path = self.root / meta.name
         with contextlib.suppress(OSError):
-            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns), follow_symlinks=False)
+            os.utime(path, ns=(int(self.clock.time() * 1e9), path.stat().st_mtime_ns), follow_symlinks=False)
         return meta.name
 
     def _ensure_locked(self, key: str, lock: _Lock, keep: frozenset[str] = frozenset()) -> bool:
@@ -452,18 +455,18 @@ class LoraCache:
             meta = self._migrate(meta)
         size: int | None = None
         if meta is not None:
-            if time.monotonic() < self._store_down_until:
+            if self.clock.monotonic() < self._store_down_until:
                 return False  # the store failed a moment ago: the copy it last confirmed will do
             try:
                 info = self.store.stat(key, retry=False)  # one try: there is a good fallback
             except StorageError as exc:
                 if exc.retriable:
-                    self._store_down_until = time.monotonic() + STORE_DOWN_S
+                    self._store_down_until = self.clock.monotonic() + STORE_DOWN_S
                     logger.warning("LoRA {}: store unreachable ({}); using the cached copy", key, exc)
                     return False
                 raise _task_error(key, exc) from None
             if info.etag == meta.etag and info.size == meta.size:
-                self._write_meta(Meta(key, meta.etag, meta.size, time.time(), meta.file))
+                self._write_meta(Meta(key, meta.etag, meta.size, self.clock.time(), meta.file))
                 return False
             logger.info("LoRA {} changed in the store (ETag {} -> {}): fetching it again", key, meta.etag, info.etag)
             size = info.size
@@ -490,14 +493,14 @@ class LoraCache:
         part = self.part_path(key)
         for _ in range(3):
             if size is None:
-                if time.monotonic() < self._store_down_until:
+                if self.clock.monotonic() < self._store_down_until:
                     raise StorageUnavailable(f"loraModel {key!r}: the store failed less than {STORE_DOWN_S:g}s ago",
                                              key=key)
                 try:
                     size = self.store.stat(key).size
                 except StorageError as exc:
                     if exc.retriable:
-                        self._store_down_until = time.monotonic() + STORE_DOWN_S
+                        self._store_down_until = self.clock.monotonic() + STORE_DOWN_S
                         raise
                     raise _task_error(key, exc) from None
             if size > self.max_bytes:
@@ -505,7 +508,7 @@ class LoraCache:
                                                 f"cache (LORA_CACHE_MAX_GB={self.max_bytes / GB:g})")
             self.root.mkdir(parents=True, exist_ok=True)
             self._reserve(key, size, lock, keep)
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 info = self.store.get_to_file(key, part, max_bytes=size)
                 check_safetensors(part)
@@ -513,7 +516,7 @@ class LoraCache:
                     # Meta after the rename: a crash between leaves a file without meta (fetched again on its next
                     # use), never a meta that vouches for bytes it did not check.
                     os.replace(part, target)
-                    self._write_meta(Meta(key, info.etag, info.size, time.time(), target.name))
+                    self._write_meta(Meta(key, info.etag, info.size, self.clock.time(), target.name))
                     lock.write("")
                 _fsync_dir(target.parent)
             except ObjectTooLarge:
@@ -529,7 +532,7 @@ class LoraCache:
                 with contextlib.suppress(OSError):
                     part.unlink(missing_ok=True)
                 lock.write("")
-            took = time.monotonic() - started
+            took = self.clock.monotonic() - started
             stats.incr("lora_cache_misses")
             stats.incr("lora_download_bytes", info.size)
             logger.info("LoRA {} fetched: {} bytes in {:.2f}s ({:.0f} MB/s)", key, info.size, took,
@@ -581,7 +584,7 @@ class LoraCache:
                 victim.path.unlink(missing_ok=True)  # waiters on the old inode notice and lock the new file
             freed += entry.size
             logger.info("LoRA {} evicted ({} bytes, unused for {:.0f}s)", entry.key, entry.size,
-                        time.time() - entry.used_at)
+                        self.clock.time() - entry.used_at)
         return freed, blocking
 
     def scan(self) -> tuple[list[Entry], int]:

@@ -22,11 +22,28 @@ import pytest
 
 from selfix import messages as m
 from selfix import stats
+from selfix.clock import ManualClock
 from selfix.job import Job
-from selfix.loras import LORA_TOO_LARGE, CacheFull, LoraCache, Prefetcher, check_safetensors, keys_in_processing
+from selfix.loras import (
+    LORA_TOO_LARGE,
+    STORE_DOWN_S,
+    CacheFull,
+    LoraCache,
+    Prefetcher,
+    check_safetensors,
+    keys_in_processing,
+)
 from selfix.prepare import ensure_loras
 from selfix.spool import Spool
-from selfix.storage import ObjectInfo, ObjectStore, RetryPolicy, S3Store, StorageError
+from selfix.storage import (
+    LocalStore,
+    ObjectInfo,
+    ObjectStore,
+    RetryPolicy,
+    S3Store,
+    StorageError,
+    StorageUnavailable,
+)
 from tests.servers.minio_plugin import S3Bucket
 from tests.servers.node_plugin import wait_until, write_safetensors
 
@@ -171,6 +188,48 @@ def test_store_down_after_ttl_uses_the_cached_copy(s3_private_bucket: S3Bucket, 
     assert missing.value.retriable, missing.value
 
 
+class FlakyStore(LocalStore):
+    """A local store that counts HEADs and, while `down`, fails them as an unreachable S3 would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.heads = 0
+        self.down = False
+
+    def stat(self, key: str, *, retry: bool = True) -> ObjectInfo:
+        self.heads += 1
+        if self.down:
+            raise StorageUnavailable("s3 down", key=key)
+        return super().stat(key, retry=retry)
+
+
+def test_the_head_ttl_and_the_store_down_window_run_on_the_cache_clock(tmp_path: Path) -> None:
+    key = "users/u1/models/x.safetensors"
+    store = FlakyStore(tmp_path / "store")
+    write_safetensors(tmp_path / "store" / key, b"w" * 1000)
+    clock = ManualClock(time.time())
+    cache = LoraCache(tmp_path / "cache", store, head_ttl_s=60, clock=clock)
+    cache.ensure(key, "u1")
+    assert store.heads == 1
+    clock.advance(59)
+    cache.ensure(key, "u1")
+    assert store.heads == 1, "confirmed less than LORA_HEAD_TTL_S ago: no HEAD"
+    clock.advance(2)
+    store.down = True
+    cache.ensure(key, "u1")  # past the TTL: one HEAD, which fails; the cached copy serves
+    assert store.heads == 2
+    clock.advance(STORE_DOWN_S / 2)
+    cache.ensure(key, "u1")
+    assert store.heads == 2, "the store failed a moment ago: not asked again yet"
+    clock.advance(STORE_DOWN_S)
+    store.down = False
+    cache.ensure(key, "u1")
+    assert store.heads == 3
+    clock.advance(59)
+    cache.ensure(key, "u1")
+    assert store.heads == 3, "that HEAD confirmed the copy: a fresh TTL from then"
+
+
 # --------------------------------------------------------------------------------------------------- refusals
 
 
@@ -284,10 +343,11 @@ def test_disk_free_floor_evicts_lru_and_refuses_when_nothing_can_go(s3_bucket: S
     root = tmp_path / "cache"
     free = {"bytes": 10_000_000}
     pinned: set[str] = set()
+    clock = ManualClock(time.time())
     cache = cache_of(s3_bucket, root, free_floor_bytes=9_950_000,
-                     disk_free=lambda _p: free["bytes"] - disk_bytes(root), in_use=lambda: set(pinned))
+                     disk_free=lambda _p: free["bytes"] - disk_bytes(root), in_use=lambda: set(pinned), clock=clock)
     cache.ensure(keys[0], "u1")
-    time.sleep(0.01)
+    clock.advance(60)  # recency is the atime the cache's clock sets on each use
     cache.ensure(keys[1], "u1")  # 10M - 30k - 30k < floor + 30k: keys[0] (least recent) goes
     assert not file_of(root, keys[0]).exists() and file_of(root, keys[1]).exists()
     pinned.add(keys[1])
