@@ -14,40 +14,15 @@ from selfix import messages as m
 from selfix.job import Job
 from selfix.messages import InvalidTask, Limits, Task, TaskError, completed_result, failed_result, parse_task
 from selfix.templates import Catalog
+from tests.servers.node import DROP, SAMPLE_LORA, SAMPLE_TASK, SAMPLE_USER, sample_message, sample_workflow
 
-USER = "alice"
-TASK = "task-001"
-LORA = "users/alice/models/style.safetensors"
-DROP = object()  # marks a key to remove from the base message
+USER, TASK, LORA = SAMPLE_USER, SAMPLE_TASK, SAMPLE_LORA
+workflow, message = sample_workflow, sample_message
 
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     return Catalog.load()
-
-
-def workflow(lora_name: str | None = LORA, image: str | None = None) -> dict[str, Any]:
-    wf: dict[str, Any] = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a cat"}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "out"}},
-    }
-    if lora_name is not None:
-        wf["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                          "lora_name": lora_name, "strength_model": 1.0}}
-    if image is not None:
-        wf["11"] = {"class_type": "LoadImage", "inputs": {"image": image}}
-    return wf
-
-
-def message(**changes: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {"taskId": TASK, "userId": USER, "workflow": workflow(), "loraModel": LORA}
-    for key, value in changes.items():
-        if value is DROP:
-            msg.pop(key, None)
-        else:
-            msg[key] = value
-    return msg
 
 
 def enc(obj: Any) -> bytes:

@@ -26,9 +26,9 @@ from selfix.spool import RESULT_FILE, InboxEntry, Spool, valid_task_id
 from selfix.storage import InvalidKey, LocalStore, validate_key
 from selfix.templates import Catalog
 from selfix.uploader import NoPublisher, Uploader, classify
+from tests.servers.node import SAMPLE_LORA, SAMPLE_TASK, SAMPLE_USER, sample_message, sample_workflow
 
-TASK, USER = "task-001", "alice"
-LORA = "users/alice/models/style.safetensors"
+TASK, USER, LORA = SAMPLE_TASK, SAMPLE_USER, SAMPLE_LORA
 
 # Every character class a pattern ending in `$` or a plain `in` check let through somewhere.
 CONTROLS = {
@@ -48,21 +48,12 @@ def put(value: str, char: str, place: str) -> str:
 
 
 def workflow(lora_name: str | None = LORA, image: str | None = None) -> dict[str, Any]:
-    wf: dict[str, Any] = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a cat\nin a hat"}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "out"}},
-    }
-    if lora_name is not None:
-        wf["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
-                                                          "lora_name": lora_name, "strength_model": 1.0}}
-    if image is not None:
-        wf["11"] = {"class_type": "LoadImage", "inputs": {"image": image}}
-    return wf
+    # An escaped newline in a prompt is legal: each refusal below is for the poisoned field alone.
+    return sample_workflow(lora_name, image, text="a cat\nin a hat")
 
 
 def message(**changes: Any) -> dict[str, Any]:
-    return {"taskId": TASK, "userId": USER, "workflow": workflow(), "loraModel": LORA, **changes}
+    return sample_message(**{"workflow": workflow(), **changes})
 
 
 def enc(obj: Any) -> bytes:

@@ -4,7 +4,8 @@
   directory, free loopback ports.
 - `ComfyDouble`: the one launcher of the double (selfix/testing/fake_comfyui/): `argv()` for a subprocess of the
   test's own, `command()` for COMFY_COMMAND (placeholders that `selfix comfyui` fills in).
-- `task`, `t2i_workflow`, `write_safetensors`, `wait_until`: builders and the polling helper.
+- `task`, `t2i_workflow`, `write_safetensors`, `wait_until`: builders and the polling helper;
+  `sample_message`, `sample_workflow`: the small task that validation tests (messages, poison) vary.
 
 The fixtures that use these live in node_plugin.py.
 """
@@ -83,6 +84,40 @@ def t2i_workflow(steps: int = 2, lora: str | None = None, prefix: str = "t2i", b
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
     })
     return wf
+
+
+SAMPLE_TASK, SAMPLE_USER = "task-001", "alice"
+SAMPLE_LORA = "users/alice/models/style.safetensors"
+DROP = object()  # sample_message(key=DROP) leaves the key out
+
+
+def sample_workflow(lora_name: str | None = SAMPLE_LORA, image: str | None = None,
+                    text: str = "a cat") -> dict[str, Any]:
+    """A small workflow for validation tests (not runnable: it decodes no latent): checkpoint, prompt, SaveImage,
+    and a LoraLoader / LoadImage when named."""
+    wf: dict[str, Any] = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": text}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "out"}},
+    }
+    if lora_name is not None:
+        wf["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                          "lora_name": lora_name, "strength_model": 1.0}}
+    if image is not None:
+        wf["11"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    return wf
+
+
+def sample_message(**changes: Any) -> dict[str, Any]:
+    """SAMPLE_USER's task SAMPLE_TASK with SAMPLE_LORA, for validation tests; `changes` replace (DROP: remove) keys."""
+    msg: dict[str, Any] = {"taskId": SAMPLE_TASK, "userId": SAMPLE_USER, "workflow": sample_workflow(),
+                           "loraModel": SAMPLE_LORA}
+    for key, value in changes.items():
+        if value is DROP:
+            msg.pop(key, None)
+        else:
+            msg[key] = value
+    return msg
 
 
 def task(task_id: str, *, user: str = "u1", priority: int = 0, steps: int = 2, lora: str | None = None,
