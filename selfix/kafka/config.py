@@ -144,4 +144,3 @@ class LibrdkafkaLog:
             if hidden:
                 line += f" (and {hidden} more like it)"
         logger.opt(depth=1).log(name, line)
-

@@ -15,6 +15,7 @@ from selfix.settings import Settings
 
 Check = tuple[str, bool, str]
 
+
 def _identity(settings: Settings) -> str:
     proto = settings.kafka_security_protocol
     if proto.startswith("SASL_"):
@@ -90,4 +91,3 @@ def check_kafka(settings: Settings, timeout: float = 5.0) -> list[Check]:
     checks: list[Check] = [("kafka.connect", True, f"{where}: {len(meta.brokers)} broker(s)")]
     checks.extend(_topic_check(admin, env, topic, timeout, secrets) for env, topic in topics)
     return checks
-

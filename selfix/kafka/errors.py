@@ -87,7 +87,6 @@ def classify_kafka_error(err: object, *, secrets: Iterable[str | None] = ()) -> 
     return _scrub(line, secrets)
 
 
-
 def is_retriable(err: KafkaError) -> bool:
     """False for errors that retrying with the same settings cannot fix (credentials, TLS, configuration)."""
     return err.code() not in FAIL_FAST_CODES and not any(t in err.str() for t in _FAIL_FAST_TEXT)
@@ -119,5 +118,3 @@ REJECTED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MS
 def is_rejection(err: object) -> bool:
     inner = err.args[0] if isinstance(err, KafkaException) and err.args else err
     return isinstance(inner, KafkaError) and inner.code() in REJECTED_CODES
-
-

@@ -91,4 +91,3 @@ class OffsetTracker:
 
     def inflight(self) -> int:
         return sum(len(p.pending) for p in self._parts.values())
-

@@ -115,4 +115,3 @@ class KafkaSender:
     def close(self, timeout: float = 5.0) -> int:
         """Flush what is queued (up to `timeout`); returns how many messages were left undelivered."""
         return self.producer.flush(timeout)
-

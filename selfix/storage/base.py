@@ -15,7 +15,6 @@ MAX_KEY_BYTES = 1024  # S3's limit on an object key
 CHUNK = 1024 * 1024
 
 
-
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
@@ -61,8 +60,6 @@ def validate_key(key: str) -> str:
     return key
 
 
-
-
 class StatExists:
     """`exists` for any store with a `stat` that raises ObjectNotFound."""
 
@@ -77,7 +74,6 @@ class StatExists:
         return True
 
 
-
 def check_max(key: str, size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
         raise ObjectTooLarge(f"object {key!r} is {size} bytes; at most {max_bytes} accepted", key=key)
@@ -87,4 +83,3 @@ def check_size(key: str, got: int, expected: int) -> None:
     if got != expected:
         # A short read means the connection broke mid-body: worth another attempt.
         raise StorageUnavailable(f"download of {key!r} truncated: {got} of {expected} bytes", key=key)
-

@@ -68,4 +68,3 @@ def _check_auth_and_bucket(settings: Settings, timeout: float) -> list[Check]:
                 ("s3 bucket", False, f"bucket {bucket!r}: access denied to {creds}")]
     return [("s3 credentials", False, f"{creds}: unexpected answer {code!r}"),
             ("s3 bucket", False, f"bucket {bucket!r} not checked: unexpected answer {code!r}")]
-

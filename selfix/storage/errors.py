@@ -65,4 +65,3 @@ class ChecksumMismatch(StorageError):
     """
 
     kind = "corrupt"
-

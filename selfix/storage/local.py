@@ -93,4 +93,3 @@ class LocalStore(StatExists):
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
-

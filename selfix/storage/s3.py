@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of one store call: at most `attempts` tries, no new try once `deadline_s` would be passed."""
@@ -346,4 +347,3 @@ def _http_date(value: str) -> datetime | None:
         return parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-
