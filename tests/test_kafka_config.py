@@ -12,7 +12,16 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from loguru import logger
 
-from selfix.kafka import LibrdkafkaLog, check_kafka, classify_kafka_error, consumer_config, producer_config, redact
+from selfix.kafka import (
+    ErrorTriage,
+    LibrdkafkaLog,
+    check_kafka,
+    classify_kafka_error,
+    consumer_config,
+    is_retriable,
+    producer_config,
+    redact,
+)
 from selfix.settings import SettingsError, load
 from tests.servers.kafka_broker import KafkaBroker
 
@@ -108,6 +117,34 @@ def test_classify_masks_secrets_and_strips_noise() -> None:
     auth = classify_kafka_error(KafkaError(KafkaError._AUTHENTICATION, "sasl_ssl://k:1/bootstrap: SASL "
                                            "authentication error: Authentication failed (after 300ms in state X)"))
     assert auth.startswith("SASL authentication failed (Authentication failed):")
+
+
+DOWN = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
+REFUSED = KafkaError(KafkaError.SASL_AUTHENTICATION_FAILED, "Authentication failed")
+FATAL = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+
+
+@pytest.mark.parametrize(("errors", "fatal", "logged"), [
+    ([], None, 0),
+    ([DOWN], None, 1),
+    ([DOWN, DOWN, DOWN], None, 1),  # one line per kind every 30 s
+    ([DOWN, REFUSED], REFUSED, 0),  # not retriable: ends the process, and the noise beside it is not logged
+    ([FATAL, DOWN], FATAL, 0),
+])
+def test_error_triage_picks_what_ends_the_process_and_throttles_the_rest(
+        errors: list[KafkaError], fatal: KafkaError | None, logged: int) -> None:
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        triage = ErrorTriage(secrets=[SECRET])
+        for err in errors:
+            triage(err)
+        triage.sort()
+    finally:
+        logger.remove(sink)
+    assert triage.fatal is fatal
+    assert len(seen) == logged, seen
+    assert is_retriable(DOWN) and not is_retriable(REFUSED)
 
 
 def test_librdkafka_log_goes_through_loguru_capped() -> None:

@@ -10,6 +10,9 @@ import re
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, KafkaException
+from loguru import logger
+
+from selfix.kafka.config import Throttle
 
 _AUTH_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
                          KafkaError.ILLEGAL_SASL_STATE, KafkaError.UNSUPPORTED_SASL_MECHANISM})
@@ -90,6 +93,44 @@ def classify_kafka_error(err: object, *, secrets: Iterable[str | None] = ()) -> 
 def is_retriable(err: KafkaError) -> bool:
     """False for errors that retrying with the same settings cannot fix (credentials, TLS, configuration)."""
     return err.code() not in FAIL_FAST_CODES and not any(t in err.str() for t in _FAIL_FAST_TEXT)
+
+
+class ErrorTriage:
+    """A client's error_cb, sorted after each poll. An error that is not retriable, or that librdkafka calls fatal,
+    becomes `fatal` (the caller ends the process); it wins over the "all brokers down" that librdkafka reports
+    alongside it, which would only mislead the operator. The rest are logged, one line per kind every 30 s."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self.secrets = tuple(secrets)
+        self.fatal: KafkaError | None = None
+        self._pending: list[KafkaError] = []
+        self._throttle = Throttle()
+
+    def __call__(self, err: KafkaError) -> None:
+        """librdkafka's error_cb (served inside poll)."""
+        self._pending.append(err)
+
+    def sort(self) -> None:
+        errors, self._pending = self._pending, []
+        fatal = next((e for e in errors if not is_retriable(e) or e.fatal()), None)
+        if fatal is not None:
+            self.fatal = fatal
+        else:
+            for err in errors:
+                self.report(err, "kafka")
+
+    def report(self, err: object, what: str) -> None:
+        inner = err.args[0] if isinstance(err, KafkaException) and err.args else err
+        code = inner.code() if isinstance(inner, KafkaError) else type(inner).__name__
+        if code == KafkaError._NO_OFFSET:
+            return
+        hidden = self._throttle(f"{what}:{code}")
+        if hidden is not None:
+            more = f" (and {hidden} more like it)" if hidden else ""
+            logger.warning("{}: {}{}", what, self.describe(err), more)
+
+    def describe(self, err: object) -> str:
+        return classify_kafka_error(err, secrets=self.secrets)
 
 
 class PublishError(RuntimeError):

@@ -33,9 +33,9 @@ from selfix.admission import Outcome, accept, adopt_dropped, limits_of
 from selfix.clock import Clock, SystemClock
 from selfix.control import listener_for
 from selfix.files import DiskFull, disk_full_error
-from selfix.kafka.config import LibrdkafkaLog, Throttle, consumer_config
+from selfix.kafka.config import LibrdkafkaLog, consumer_config
 from selfix.kafka.deadletters import DeadLetters, dead_letter
-from selfix.kafka.errors import PublishError, classify_kafka_error, is_retriable
+from selfix.kafka.errors import ErrorTriage, PublishError, is_retriable
 from selfix.kafka.ledger import PublishedLedger
 from selfix.kafka.offsets import TP, OffsetTracker
 from selfix.kafka.producer import KafkaSender
@@ -64,7 +64,6 @@ class KafkaIntake:
         self.clock: Clock = clock or SystemClock()
         self.limits = limits_of(settings)
         self.topic = settings.kafka_topic_input
-        self.secrets = (settings.kafka_sasl_password,)
         self.tracker = OffsetTracker()
         self.ledger = PublishedLedger(lambda task_id: spool.done_path(task_id).exists(), spool.state_of)
         self.done_mtime = -1
@@ -73,9 +72,7 @@ class KafkaIntake:
         self.held = 0
         self.disk = DiskFull("consumer")
         self.held_back: dict[TP, int] = {}  # per partition, the first offset to read again once space returns
-        self.fatal: KafkaError | None = None
-        self.errors: list[KafkaError] = []
-        self.throttle = Throttle()
+        self.errors = ErrorTriage((settings.kafka_sasl_password,))
         self.last_tick = self.last_adopt = self.last_commit = 0.0
         self.counts = {"accepted": 0, "duplicate": 0, "failed": 0, "unaddressable": 0}
         self.sender: KafkaSender | None = None
@@ -85,7 +82,7 @@ class KafkaIntake:
         if self.sender is not None and settings.kafka_topic_dlq:
             self.dead = DeadLetters(self.sender, settings.kafka_topic_dlq, self.tracker.done, self.clock)
         conf = consumer_config(settings, overrides={
-            "error_cb": self.on_error, "on_commit": self.on_commit, "logger": LibrdkafkaLog(), **(overrides or {})})
+            "error_cb": self.errors, "on_commit": self.on_commit, "logger": LibrdkafkaLog(), **(overrides or {})})
         self.consumer = Consumer(conf)
         self.control = listener_for(settings, spool)  # KAFKA_TOPIC_CONTROL, outside the group (control.py)
         logger.info("consumer: Kafka {} topic {} group {}, pause at {} unfinished task(s){}{}",
@@ -101,12 +98,12 @@ class KafkaIntake:
         try:
             while not self.flags.stopping.is_set():
                 self.flags.beat()
-                if self.fatal is not None:
-                    code = self.fail_fast()
+                if self.errors.fatal is not None:
+                    code = self.fail_fast(self.errors.fatal)
                     break
                 # Paused partitions deliver nothing, but polling goes on: heartbeats, rebalances, callbacks.
                 msg = self.consumer.poll(0 if self.due() else TICK_S)
-                self.drain_errors()
+                self.errors.sort()
                 if msg is not None:  # every message returned must be tracked, or the watermark would skip it
                     self.handle(msg)
                 if self.due():
@@ -142,7 +139,7 @@ class KafkaIntake:
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
                 return
-            self.report(err, "consume")
+            self.errors.report(err, "consume")
             return
         tp: TP = (str(msg.topic()), int(msg.partition() or 0))
         offset = int(msg.offset() or 0)
@@ -257,11 +254,11 @@ class KafkaIntake:
                 self.tracker.mark_committed(offsets)
                 logger.debug("committed {}", _show(offsets))
         except KafkaException as exc:
-            self.report(exc, "commit")
+            self.errors.report(exc, "commit")
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None:
-            self.report(err, "commit")
+            self.errors.report(err, "commit")
             return
         good = {(p.topic, p.partition): p.offset for p in partitions if p.error is None and p.offset >= 0}
         self.tracker.mark_committed(good)
@@ -368,10 +365,11 @@ class KafkaIntake:
         logger.info("draining: {} not-started job(s) withdrawn, waiting up to {:g}s for {} started task(s)",
                     withdrawn, self.settings.kafka_drain_s, started)
         deadline = self.clock.monotonic() + self.settings.kafka_drain_s
-        while started and self.clock.monotonic() < deadline and not self.flags.abort.is_set() and self.fatal is None:
+        while (started and self.clock.monotonic() < deadline and not self.flags.abort.is_set()
+               and self.errors.fatal is None):
             self.flags.beat()
             msg = self.consumer.poll(TICK_S)  # paused: only callbacks (rebalance, commits, errors)
-            self.drain_errors()
+            self.errors.sort()
             if msg is not None:
                 self.handle(msg)  # fetched before the pause: tracked like any other, it runs
             self.settle()
@@ -381,35 +379,10 @@ class KafkaIntake:
         if started:
             logger.warning("drain ended with {} started task(s) unpublished; they are delivered again", started)
 
-    # --- errors and shutdown ---------------------------------------------------------------------------
-    def on_error(self, err: KafkaError) -> None:
-        self.errors.append(err)
-
-    def drain_errors(self) -> None:
-        """After each poll: an error that is not retriable ends the process; it wins over the "all brokers down"
-        that librdkafka reports alongside it, which would only mislead the operator."""
-        errors, self.errors = self.errors, []
-        fatal = next((e for e in errors if not is_retriable(e) or e.fatal()), None)
-        if fatal is not None:
-            self.fatal = fatal
-        else:
-            for err in errors:
-                self.report(err, "kafka")
-
-    def report(self, err: object, what: str) -> None:
-        inner = err.args[0] if isinstance(err, KafkaException) and err.args else err
-        code = inner.code() if isinstance(inner, KafkaError) else type(inner).__name__
-        if code == KafkaError._NO_OFFSET:
-            return
-        hidden = self.throttle(f"{what}:{code}")
-        if hidden is not None:
-            more = f" (and {hidden} more like it)" if hidden else ""
-            logger.warning("{}: {}{}", what, classify_kafka_error(err, secrets=self.secrets), more)
-
-    def fail_fast(self) -> int:
-        assert self.fatal is not None
-        line = classify_kafka_error(self.fatal, secrets=self.secrets)
-        if not is_retriable(self.fatal):
+    # --- fatal errors and shutdown ---------------------------------------------------------------------
+    def fail_fast(self, fatal: KafkaError) -> int:
+        line = self.errors.describe(fatal)
+        if not is_retriable(fatal):
             logger.error("consumer: {}; exiting with {} (EX_UNAVAILABLE) until the settings are fixed", line,
                          EXIT_UNAVAILABLE)
             return EXIT_UNAVAILABLE
@@ -419,7 +392,7 @@ class KafkaIntake:
     def shutdown(self) -> None:
         """Stop taking, wait for the started tasks, commit what is safe, send what the DLQ still owes, leave the
         group (revokes, withdraws)."""
-        if self.fatal is None:
+        if self.errors.fatal is None:
             try:
                 self.consumer.pause(self.consumer.assignment())
             except Exception as exc:  # noqa: BLE001 - best effort: close() stops fetching anyway
@@ -433,7 +406,7 @@ class KafkaIntake:
             self.commit(asynchronous=False)
         self.control.close()
         if self.sender is not None:
-            self.sender.close(0 if self.fatal is not None else 2.0)
+            self.sender.close(0 if self.errors.fatal is not None else 2.0)
         try:
             self.consumer.close()
         except Exception as exc:  # noqa: BLE001 - closing after a fatal error may itself fail

@@ -8,7 +8,8 @@ whose `retriable` and `kind` say what a failure means; see `errors`). One module
 - `s3`: `S3Store`, `RetryPolicy`, the MinIO client, streamed and verified downloads;
 - `doctor`: `check_s3`.
 
-Code outside the package imports from the package; modules inside it import from each other.
+Code outside the package imports from the package; modules inside it, and the tests of one module, import from
+that module.
 """
 
 from selfix.settings import Settings
