@@ -125,7 +125,7 @@ def test_wrong_credentials_are_forbidden_and_never_echo_the_secret(
         started = time.monotonic()
         with pytest.raises(ObjectForbidden) as info:
             call()
-        assert time.monotonic() - started < 2, "a permanent error must not be retried"
+        assert time.monotonic() - started < 2, "an error that is not retriable must not be retried"
         exc = info.value
         assert (exc.retriable, exc.kind, exc.result_code("lora")) == (False, "forbidden", "lora_forbidden")
         assert "users/u1/a.png" in str(exc)
@@ -134,7 +134,7 @@ def test_wrong_credentials_are_forbidden_and_never_echo_the_secret(
             assert s3_bucket.secret_key not in text
 
 
-def test_missing_bucket_is_a_permanent_error(s3_bucket: S3Bucket) -> None:
+def test_missing_bucket_is_not_retriable(s3_bucket: S3Bucket) -> None:
     store = S3Store(s3_bucket.settings(S3_BUCKET="no-such-bucket-here"), retry=FAST_GIVE_UP)
     with pytest.raises(StorageError) as info:
         store.stat("k")
@@ -265,7 +265,7 @@ class _Corrupting:
             yield Flipped()
 
 
-def test_md5_mismatch_is_retried_and_a_persistent_one_is_a_permanent_error(
+def test_md5_mismatch_is_retried_and_a_persistent_one_is_not_retriable(
         s3_bucket: S3Bucket, tmp_path: Path) -> None:
     data = os.urandom(300_000)
     store = S3Store(s3_bucket.settings(), retry=RetryPolicy(attempts=5, deadline_s=10, base_s=0.01, cap_s=0.02))
