@@ -24,6 +24,7 @@ import pytest
 from selfix.clock import OffsetClock
 from selfix.kafka.intake import AUDIT_EVERY_S
 from selfix.process import EXIT_UNAVAILABLE
+from selfix.spool import Spool
 from tests.servers.kafka_broker import KafkaBroker
 from tests.servers.kafka_tools import (
     IntakeThread,
@@ -166,6 +167,40 @@ def test_revocation_withdraws_not_started_jobs(kafka_broker: KafkaBroker, kafka_
         a.stop()
 
 
+def in_inbox(spool: Spool, task_id: str) -> Callable[[], bool]:
+    return lambda: task_id in inbox_ids(spool)
+
+
+def test_a_partition_revoked_while_paused_is_read_again_when_it_comes_back(
+        kafka_broker: KafkaBroker, kafka_topic_factory: Callable[..., str], tmp_path: Path) -> None:
+    # librdkafka keeps the pause of a partition revoked while paused: node a gets it back while not paused.
+    topic = kafka_topic_factory(2)
+    env = env_for(kafka_broker, topic)
+    a = IntakeThread(tmp_path / "a", {**env, "KAFKA_MAX_INFLIGHT": "2"}).start()
+    b = None
+    try:
+        for p in (0, 1):
+            produce(kafka_broker, topic, [task(f"p{p}-{i}") for i in range(3)], partition=p)
+        wait_for(lambda: len(inbox_ids(a.spool)) >= 2 and a.intake.paused, 20, "node a paused at 2 jobs")
+        b = joined = IntakeThread(tmp_path / "b", env).start()  # takes a partition from a, which is paused meanwhile
+        wait_for(lambda: len(a.assigned()) == 1 and len(joined.assigned()) == 1, 30, "one partition each")
+        kept, = a.assigned()
+        moved = 1 - kept
+        for own in [f"p{kept}-{i}" for i in range(3)]:  # a finishes its partition: not paused when the other returns
+            wait_for(in_inbox(a.spool, own), 20, f"{own} on node a")
+            finish(a.spool, own)
+        wait_for(lambda: len(inbox_ids(joined.spool)) == 3, 20, "the moved partition's 3 jobs on node b")
+        b.stop()  # withdraws them and leaves: the partition goes back to a
+        b = None
+        wait_for(lambda: any(t.startswith(f"p{moved}-") for t in inbox_ids(a.spool)), 20,
+                 lambda: f"the partition that came back is read again (a: {inbox_ids(a.spool)}, paused "
+                         f"{a.intake.paused})")
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+
+
 def test_task_that_leaves_the_spool_without_result_is_read_again(kafka_broker: KafkaBroker, kafka_topic: str,
                                                                   tmp_path: Path) -> None:
     env = env_for(kafka_broker, kafka_topic)
@@ -198,8 +233,6 @@ def _consumer_process(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[s
 
 def test_sigterm_commits_what_is_safe_and_withdraws_the_rest(kafka_broker: KafkaBroker, kafka_topic: str,
                                                              tmp_path: Path) -> None:
-    from selfix.spool import Spool
-
     env = env_for(kafka_broker, kafka_topic)
     proc = _consumer_process(env, tmp_path)
     spool = Spool(tmp_path / "spool")

@@ -69,6 +69,7 @@ class KafkaIntake:
         self.done_mtime = -1
         self.last_audit = self.clock.monotonic()
         self.paused = False
+        self.stale_pause = False  # partitions came back that librdkafka may still hold paused (on_assign)
         self.held = 0
         self.disk = DiskFull("consumer")
         self.held_back: dict[TP, int] = {}  # per partition, the first offset to read again once space returns
@@ -282,7 +283,7 @@ class KafkaIntake:
         if recount:
             self.held = self.unfinished()
         want_paused = self.held >= self.settings.kafka_max_inflight or self.disk.active
-        if want_paused == self.paused:
+        if want_paused == self.paused and not self.stale_pause:
             return
         parts = self.consumer.assignment()
         try:
@@ -293,7 +294,7 @@ class KafkaIntake:
         except KafkaException as exc:  # a rebalance in between: decide again on the next tick
             logger.debug("pause/resume postponed: {}", exc)
             return
-        self.paused = want_paused
+        self.paused, self.stale_pause = want_paused, False
         logger.info("{} {} partition(s): {} unfinished task(s) on this node (KAFKA_MAX_INFLIGHT={}){}",
                     "paused" if want_paused else "resumed", len(parts), self.held, self.settings.kafka_max_inflight,
                     ", spool disk full" if self.disk.active else "")
@@ -316,6 +317,11 @@ class KafkaIntake:
         consumer.incremental_assign(partitions)
         if self.paused and partitions:
             consumer.pause(partitions)
+        elif partitions:
+            # librdkafka keeps the pause of a partition revoked while paused, so one that comes back now would stay
+            # paused for good. The next flow control resumes them all; not here, as a resume right after the assign
+            # can outdate the assign's fetch start (librdkafka#2190).
+            self.stale_pause = True
         logger.info("assigned {}", _show_parts(partitions) or "nothing new")
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
