@@ -11,13 +11,16 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from tests.servers.node_plugin import Node, write_safetensors
+from tests.servers.node_plugin import Node, t2i_workflow, wait_until, write_safetensors
+from tests.servers.tiny_checkpoint import TinyModels, ensure_models
 from tests.test_e2e import assert_clean_spool, assert_images
 
 COMFYUI_DIR = os.environ.get("SELFIX_REAL_COMFYUI_DIR", "")
@@ -228,4 +231,107 @@ def test_media_outputs_from_the_real_comfyui(make_node: Any) -> None:
 
     assert results["real-text"]["outputs"] == [{"node": "3", "key": "text", "kind": "text", "text": "64",
                                                 "contentType": "text/plain; charset=utf-8", "bytes": 2}]
+    assert_clean_spool(node)
+
+
+# --- a real sampler: random SD1.5 weights built from ComfyUI's own classes (tests/servers/tiny_checkpoint.py) ---
+
+LORA_KEY = "users/u1/models/style.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> TinyModels:
+    return ensure_models(COMFYUI_DIR, COMFY_PYTHON)  # cached; a first build takes well under a minute
+
+
+def sd15_node(make_node: Any, name: str, models: TinyModels, comfy_args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> Node:
+    """A node on the real ComfyUI with the random checkpoint among the operator's models and u1's LoRA in the
+    store (fetched by the runner like any user's LoRA)."""
+    args = [os.environ.get("SELFIX_REAL_COMFY_ARGS", "--cpu"), "--database-url sqlite:///:memory:", *comfy_args]
+    node: Node = make_node(name, env={"COMFY_COMMAND": "", "COMFYUI_DIR": COMFYUI_DIR, "COMFY_PYTHON": COMFY_PYTHON,
+                                      "COMFY_ARGS": " ".join(args), **(env or {})})
+    os.symlink(models.checkpoint, Path(node.env["MODELS_DIR"]) / "checkpoints" / models.checkpoint.name)
+    (node.store / LORA_KEY).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(models.lora, node.store / LORA_KEY)
+    return node.start()
+
+
+def sd15_task(task_id: str, models: TinyModels, *, steps: int, lora: bool = True, priority: int = 0
+              ) -> dict[str, Any]:
+    """checkpoint → LoraLoader (the user's LoRA, strength 0.8) → CLIPTextEncode ×2 → 64×64 latent → KSampler →
+    VAEDecode → SaveImage; one seed for every task, so two runs differ only by what the graph changes."""
+    workflow = t2i_workflow(steps, lora=LORA_KEY.rsplit("/", 1)[-1] if lora else None, prefix=task_id, seed=7)
+    workflow["4"]["inputs"]["ckpt_name"] = models.checkpoint.name
+    msg: dict[str, Any] = {"taskId": task_id, "userId": "u1", "priority": priority, "workflow": workflow}
+    if lora:
+        msg["loraModel"] = LORA_KEY
+    return msg
+
+
+def pixels(node: Node, result: dict[str, Any]) -> bytes:
+    with Image.open(node.store / result["imagePath"]) as img:
+        assert img.size == (64, 64)
+        return img.convert("RGB").tobytes()
+
+
+def comfy_log(node: Node) -> str:
+    return (Path(node.env["COMFY_LOG_DIR"]) / "comfyui.log").read_text(errors="replace")
+
+
+def test_txt2img_with_the_users_lora_through_the_real_lora_loader(make_node: Any, tiny_models: TinyModels) -> None:
+    """ComfyUI logs nothing when a LoRA applies, only its misses ("lora key not loaded: …" per unmapped key,
+    "NOT LOADED …" per unpatched weight): none of those, and the LoRA changes the picture, while the same graph
+    without it, run again after it (so not from ComfyUI's cache), gives the same picture twice."""
+    node = sd15_node(make_node, "real-sd15", tiny_models)
+    jobs = [sd15_task("plain-1", tiny_models, steps=3, lora=False, priority=3),
+            sd15_task("styled", tiny_models, steps=3, priority=2),
+            sd15_task("plain-2", tiny_models, steps=3, lora=False, priority=1)]
+    for job in jobs:
+        node.drop(f"{job['taskId']}.json", job)
+    results = node.wait_results({j["taskId"] for j in jobs}, timeout=240)
+    for result in results.values():
+        assert_images(node, result)
+    log = comfy_log(node)
+    print("\n".join(line for line in log.splitlines() if "lora" in line.casefold() or "load" in line.casefold()))
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log
+    assert log.count("Prompt executed in") == 3 and log.count(" 0/3 [") == 3, "three prompts, each sampled"
+    assert pixels(node, results["plain-1"]) == pixels(node, results["plain-2"]), "the CPU sampler is not repeatable"
+    assert pixels(node, results["styled"]) != pixels(node, results["plain-1"]), "the LoRA changed nothing"
+    cached = [p for p in Path(node.env["LORA_CACHE_DIR"]).iterdir() if p.suffix == ".safetensors"]
+    assert [p.read_bytes() for p in cached] == [tiny_models.lora.read_bytes()], cached
+    assert_clean_spool(node)
+
+
+def test_console_serves_the_real_latent_previews_while_the_task_runs(make_node: Any,
+                                                                     tiny_models: TinyModels) -> None:
+    """CONSOLE_PREVIEWS=true and `--preview-method latent2rgb`: ComfyUI takes the runner's feature_flags handshake
+    (it logs that at DEBUG only), so it sends event 4 frames (a 512 px JPEG a step) and no legacy event 1;
+    /api/preview/<taskId> serves the latest while the task runs, and nothing once it is done."""
+    from tests.test_console import get, preview_files
+
+    node = sd15_node(make_node, "real-previews", tiny_models, ("--preview-method", "latent2rgb", "--verbose", "DEBUG"),
+                     {"CONSOLE_PREVIEWS": "true"})
+    node.drop("pv.json", sd15_task("pv", tiny_models, steps=16))  # 4 s on an idle CPU, ~30 s on a loaded one
+    served: dict[bytes, str] = {}  # each distinct preview body → its Content-Type
+
+    def watch() -> bool:
+        status, headers, body = get(node, "/api/preview/pv")
+        if status == 200:
+            served.setdefault(body, headers["Content-Type"])
+        return "pv" in node.results()
+
+    wait_until(watch, 240, lambda: f"pv done\n{node.log_tail()}", interval=0.1)
+    sizes = []
+    for body, content_type in served.items():
+        with Image.open(io.BytesIO(body)) as img:
+            assert (content_type, img.format) == ("image/jpeg", "JPEG"), (content_type, img.format)
+            img.load()  # a whole JPEG, not a file cut short
+            sizes.append((img.size, len(body)))
+    print(f"{len(served)} distinct previews served: {sizes}")
+    assert served, "no preview served while pv ran"
+    assert re.search(r"Feature flags negotiated for client selfix-runner-\S+: \{'supports_preview_metadata': True\}",
+                     comfy_log(node)), "ComfyUI never took the runner's feature_flags handshake"
+    assert_images(node, node.results()["pv"])
+    assert preview_files(node) == [] and get(node, "/api/preview/pv")[0] == 404
     assert_clean_spool(node)
